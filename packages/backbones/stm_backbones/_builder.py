@@ -46,7 +46,9 @@ def build_model(variant: str, pretrained: bool = False, **kwargs: Any):
     that need the study's interpolation rules.
     """
     features_only = kwargs.pop("features_only", False)
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    # out_indices selects the features_only outputs; without features_only it is a model argument
+    # (the dense variant's outputs).
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3)) if features_only else None
     feature_kwargs = {k: kwargs.pop(k) for k in ("output_fmt", "norm") if k in kwargs}
     kwargs.pop("feature_cls", None)
     model = build_model_with_cfg(MetaArch, variant, pretrained=False, **kwargs)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from .checkpoint import load_into_dense_backbone
 from .registry import create_model

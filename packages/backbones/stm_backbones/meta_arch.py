@@ -16,8 +16,9 @@ and `input_size_error(height, width, img_size, dense) -> str | None`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.utils.checkpoint

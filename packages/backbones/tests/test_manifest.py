@@ -8,6 +8,7 @@ import timm
 import torch
 
 import stm_backbones
+
 MANIFEST_PATH = Path(__file__).resolve().parents[3] / "tests" / "data" / "state_dict_manifest.json"
 
 MODEL_NAMES = sorted(json.loads(MANIFEST_PATH.read_text()))
