@@ -60,15 +60,20 @@ def make_inputs(channels: int, heads: int, side: int, *, seed: int = 0):
     return value, spatial_shapes, level_start_index, loc.contiguous(), attn.contiguous()
 
 
-def best_time(fn, repeat: int, warmup: int = 2) -> float:
+def best_time(fn, repeat: int, warmup: int = 2) -> tuple[float, float]:
+    """Best wall-clock time and best process CPU time (all threads) of `repeat` runs, in seconds.
+
+    The CPU time is insensitive to other processes competing for the cores (it only counts time this
+    process ran), so on a shared machine its ratios are the more stable comparison."""
     for _ in range(warmup):
         fn()
-    best = float("inf")
+    best_wall = best_cpu = float("inf")
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        best_wall = min(best_wall, time.perf_counter() - t0)
+        best_cpu = min(best_cpu, time.process_time() - c0)
+    return best_wall, best_cpu
 
 
 def copy_bandwidth(repeat: int) -> float:
@@ -76,8 +81,16 @@ def copy_bandwidth(repeat: int) -> float:
     n = 64 * 1024 * 1024  # 256 MiB of float32, far beyond the caches
     src = torch.ones(n)
     dst = torch.empty(n)
-    t = best_time(lambda: dst.copy_(src), repeat, warmup=2)
+    t, _ = best_time(lambda: dst.copy_(src), repeat, warmup=2)
     return 2 * src.numel() * src.element_size() / t
+
+
+def _loadavg() -> str:
+    """1-minute load average (how busy the machine was: the timings are only as good as that)."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except (AttributeError, OSError):
+        return "n/a"
 
 
 def forward_min_bytes(value, loc, attn, out) -> int:
@@ -105,12 +118,15 @@ def bench_stage(name, channels, heads, side, repeat):
             out = fn(v, shapes, starts, lo, a, 128)
             torch.autograd.grad(out, (v, lo, a), grad)
 
-        row[f"{key}_fwd_ms"] = 1e3 * best_time(fwd, repeat)
-        row[f"{key}_fwd_bwd_ms"] = 1e3 * best_time(fwd_bwd, repeat)
+        for what, fn_ in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+            wall, cpu = best_time(fn_, repeat)
+            row[f"{key}_{what}_ms"] = 1e3 * wall
+            row[f"{key}_{what}_cpu_ms"] = 1e3 * cpu
         outs[key] = fwd()
     row["max_abs_diff"] = (outs["compiled"] - outs["reference"]).abs().max().item()
-    row["speedup_fwd"] = row["reference_fwd_ms"] / row["compiled_fwd_ms"]
-    row["speedup_fwd_bwd"] = row["reference_fwd_bwd_ms"] / row["compiled_fwd_bwd_ms"]
+    for what in ("fwd", "fwd_bwd"):
+        row[f"speedup_{what}"] = row[f"reference_{what}_ms"] / row[f"compiled_{what}_ms"]
+        row[f"speedup_{what}_cpu"] = row[f"reference_{what}_cpu_ms"] / row[f"compiled_{what}_cpu_ms"]
     nbytes = forward_min_bytes(value, loc, attn, outs["compiled"])
     row["fwd_min_bytes"] = nbytes
     row["compiled_fwd_GBps"] = nbytes / (row["compiled_fwd_ms"] * 1e-3) / 1e9
@@ -123,11 +139,17 @@ def to_markdown(result) -> str:
         "",
         f"U-InternImage-tiny stages at 224 px, batch {BATCH}, D={D}, P={P}, L=1, float32, "
         f"{result['threads']} threads, best of {result['repeat']} after warm-up. "
-        f"CPU kernel set: {result['build_info'].get('cpu_isa')}. Machine: {result['cpu']}.",
+        f"CPU kernel set: {result['build_info'].get('cpu_isa')}. Machine: {result['cpu']} "
+        f"({os.cpu_count()} logical CPUs; load average {result['loadavg_before']} before, "
+        f"{result['loadavg_after']} after the run).",
+        "",
+        "Wall-clock times (x = reference / op); the last two columns compare process CPU time "
+        "instead (all threads; stable when other processes compete for the cores).",
         "",
         "| stage | heads | padded map | queries | fwd ref (ms) | fwd op (ms) | fwd x | "
-        "fwd+bwd ref (ms) | fwd+bwd op (ms) | fwd+bwd x | op fwd GB/s | % of copy BW |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "fwd+bwd ref (ms) | fwd+bwd op (ms) | fwd+bwd x | op fwd GB/s | % of copy BW | fwd x (CPU) | "
+        "fwd+bwd x (CPU) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     bw = result["copy_bandwidth_GBps"]
     for r in result["stages"]:
@@ -137,7 +159,8 @@ def to_markdown(result) -> str:
             f"{r['reference_fwd_ms']:.2f} | {r['compiled_fwd_ms']:.2f} | {r['speedup_fwd']:.1f} | "
             f"{r['reference_fwd_bwd_ms']:.2f} | {r['compiled_fwd_bwd_ms']:.2f} | "
             f"{r['speedup_fwd_bwd']:.1f} | {r['compiled_fwd_GBps']:.1f} | "
-            f"{100 * r['compiled_fwd_GBps'] / bw:.0f}% |"
+            f"{100 * r['compiled_fwd_GBps'] / bw:.0f}% | {r['speedup_fwd_cpu']:.1f} | "
+            f"{r['speedup_fwd_bwd_cpu']:.1f} |"
         )
     lines += [
         "",
@@ -167,6 +190,7 @@ def main() -> None:
         "threads": args.threads,
         "repeat": args.repeat,
         "build_info": info,
+        "loadavg_before": _loadavg(),
         "copy_bandwidth_GBps": copy_bandwidth(args.repeat) / 1e9,
         "stages": [],
     }
@@ -185,9 +209,11 @@ def main() -> None:
             f"{row['stage']}: fwd {row['reference_fwd_ms']:.2f} -> {row['compiled_fwd_ms']:.2f} ms "
             f"(x{row['speedup_fwd']:.1f}), fwd+bwd {row['reference_fwd_bwd_ms']:.2f} -> "
             f"{row['compiled_fwd_bwd_ms']:.2f} ms (x{row['speedup_fwd_bwd']:.1f}), "
-            f"{row['compiled_fwd_GBps']:.1f} GB/s, max|diff| {row['max_abs_diff']:.2e}",
+            f"{row['compiled_fwd_GBps']:.1f} GB/s, max|diff| {row['max_abs_diff']:.2e}; CPU-time ratios "
+            f"x{row['speedup_fwd_cpu']:.1f} / x{row['speedup_fwd_bwd_cpu']:.1f}",
             flush=True,
         )
+    result["loadavg_after"] = _loadavg()
     print(f"copy bandwidth: {result['copy_bandwidth_GBps']:.1f} GB/s")
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = args.out / "ms_deform_attn_cpu.json.tmp"

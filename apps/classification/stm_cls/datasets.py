@@ -20,13 +20,17 @@ import os
 import sys
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+from timm.data import auto_augment as timm_auto_augment
+from timm.data import create_transform
+from timm.data.constants import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    IMAGENET_INCEPTION_MEAN,
+    IMAGENET_INCEPTION_STD,
+)
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms as T
-
-from timm.data import create_transform
-from timm.data.constants import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN,
-                                 IMAGENET_INCEPTION_STD)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MAX_CONSECUTIVE_FAILURES = 50
@@ -34,6 +38,10 @@ MAX_CONSECUTIVE_FAILURES = 50
 
 class DatasetError(RuntimeError):
     """A problem with the dataset on disk (missing folder/list file, bad line, bad label)."""
+
+
+class UnreadableDataError(RuntimeError):
+    """Too many images failed to decode during the run."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,10 +214,10 @@ class ImageListDataset(Dataset):
                     print(f"WARNING: skipping unreadable image {self.path(i)} ({type(exc).__name__}: {exc}); "
                           f"using the next sample instead", file=sys.stderr, flush=True)
                 if 0 <= self.failures.limit < total:
-                    raise RuntimeError(f"{total} unreadable images so far (last: {self.path(i)}), more than "
+                    raise UnreadableDataError(f"{total} unreadable images so far (last: {self.path(i)}), more than "
                                        f"--max_failed_images={self.failures.limit}; check the dataset") from exc
         else:
-            raise RuntimeError(f"more than {MAX_CONSECUTIVE_FAILURES} consecutive unreadable images starting at "
+            raise UnreadableDataError(f"more than {MAX_CONSECUTIVE_FAILURES} consecutive unreadable images starting at "
                                f"{self.path(index)}; check the dataset")
         if self.transform is not None:
             img = self.transform(img)
@@ -219,6 +227,25 @@ class ImageListDataset(Dataset):
 # --------------------------------------------------------------------------------------------------
 # Transforms
 # --------------------------------------------------------------------------------------------------
+
+def _posterize_allowing_zero_bits(img, bits_to_keep, **__):
+    """timm's posterize, but 0 bits gives the black image that older Pillow produced.
+
+    RandAugment's 'PosterizeIncreasing' reaches 0 bits at magnitude 10 (m9 plus noise); Pillow >= 12
+    rejects bits < 1 with a ValueError, which would crash a data-loader worker mid-epoch.
+    """
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size, 0)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_timm_posterize() -> None:
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        if name in timm_auto_augment.NAME_TO_OP:
+            timm_auto_augment.NAME_TO_OP[name] = _posterize_allowing_zero_bits
+
 
 def normalization(args):
     if args.imagenet_default_mean_and_std:
@@ -230,6 +257,8 @@ def build_transform(is_train: bool, args):
     mean, std = normalization(args)
     if is_train:
         aa = args.aa if args.aa and args.aa.lower() != "none" else None
+        if aa:
+            _patch_timm_posterize()  # before create_transform: AugmentOp looks the op up at construction
         return create_transform(
             input_size=args.input_size, is_training=True, color_jitter=args.color_jitter, auto_augment=aa,
             interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,

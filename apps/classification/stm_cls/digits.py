@@ -66,7 +66,7 @@ def _write(root: str) -> None:
             rel = f"{labels[i]}/digit_{i:04d}.png"
             path = os.path.join(root, split, rel)
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            img = Image.fromarray(images[i], mode="L").resize((DIGITS_IMAGE_SIZE,) * 2, Image.BILINEAR)
+            img = Image.fromarray(images[i]).resize((DIGITS_IMAGE_SIZE,) * 2, Image.BILINEAR)
             img.convert("RGB").save(path)
             lines.append(f"{rel} {labels[i]}")
         with open(os.path.join(root, "meta", f"{split}.txt"), "w") as f:

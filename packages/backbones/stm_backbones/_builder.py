@@ -29,7 +29,7 @@ def study_cfg(filename: str | None, **overrides: Any) -> dict:
     `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH_OR_URL))`.
     """
     cfg = dict(
-        url="", file=None, notes=(f"study_filename={filename}",), description=STUDY_PAPER,
+        url="", file=None, notes=(f"study_filename={filename}",) if filename else (), description=STUDY_PAPER,
         paper_name=STUDY_PAPER, num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7),
         crop_pct=0.875, interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
         first_conv="downsample_layers.0.stem.0", classifier="head", license=STUDY_LICENSE,
@@ -58,9 +58,10 @@ def build_model(variant: str, pretrained: bool = False, **kwargs: Any):
         cfg = model.pretrained_cfg
         source = cfg.get("file") or cfg.get("url")
         if not source:
+            released = study_filename(cfg)
+            where = f"The study released them as '{released}'; load that file" if released else "Load a checkpoint"
             raise RuntimeError(
-                f"no weights are hosted for '{variant}'. The study released them as "
-                f"'{study_filename(cfg)}'; load that file with "
+                f"no weights are hosted for '{variant}'. {where} with "
                 f"timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file=PATH_OR_URL))")
         load_checkpoint(model, source)
     if features_only:

@@ -152,7 +152,7 @@ def check_state_dict_keys(model: nn.Module, state_dict: Mapping[str, torch.Tenso
         if missing:
             problems.append(f"{len(missing)} model keys missing from the checkpoint: {_listing(missing)}")
         if unexpected:
-            problems.append(f"{len(unexpected)} checkpoint keys the model does not have: {_listing(unexpected)}")
+            problems.append(f"{len(unexpected)} unexpected checkpoint keys (not in the model): {_listing(unexpected)}")
     mismatched = [f"{k} (checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)})"
                   for k, v in state_dict.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
     if mismatched:

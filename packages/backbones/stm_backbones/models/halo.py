@@ -1,0 +1,228 @@
+"""U-HaloNet: blocked local self-attention with halos as the spatial token mixer (spec §2.2).
+
+The feature map is cut into `bs x bs` query blocks (bs = 7); each block attends to the `win x win` window
+(win = bs + 2·halo = 13) centred on it, with relative-position logits computed from the unscaled query.
+Key positions outside the (padded) image are masked by *filling* their logits with -finfo(dtype).max.
+
+* classification (`dense=False`): H and W of every stage must be multiples of bs (224-multiples images).
+* dense (`dense=True`, the detection variant of spec §5): the normalised map is zero-padded right/bottom
+  to multiples of bs *before* the q/kv projections; only the halo border outside the padded map is
+  masked; the output is cropped back before `proj`.
+
+The halo mask depends only on the map size: it is built on first use for each (size, device) and kept in
+a small cache on the module (never in the state_dict, follows the input's device).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.models import generate_default_cfgs
+from torch import nn
+
+from .._builder import build_model, study_cfg
+from ..layers import Mlp, drop_path_or_identity, layer_scale, scale
+from ..registry import register_model
+from .swin import _MaskCache, stage_resolutions
+
+BLOCK_SIZE = 7
+HALO_SIZE = 3
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+def halo_key_mask(height: int, width: int, block_size: int, halo_size: int,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """(1, nB, 1, win²) bool, True where a window key lies outside the (height, width) map."""
+    win = block_size + 2 * halo_size
+    offsets = torch.arange(win, device=device) - halo_size
+
+    def inside(length: int) -> torch.Tensor:  # (n_blocks, win): is block b's key k inside [0, length)?
+        starts = torch.arange(length // block_size, device=device) * block_size
+        pos = starts[:, None] + offsets[None, :]
+        return (pos >= 0) & (pos < length)
+
+    rows, cols = inside(height), inside(width)
+    valid = rows[:, None, :, None] & cols[None, :, None, :]  # (nH, nW, win, win)
+    return (~valid).reshape(1, -1, 1, win * win)
+
+
+class QueryRelatedPosEmbed(nn.Module):
+    """Relative-position logits q·height_rel[win-1+ky-qy] + q·width_rel[win-1+kx-qx] (timm's rel_logits_1d).
+
+    Computed as q @ table.T over all 2·win-1 rows, then gathered (same FLOP count as the reference).
+    """
+
+    def __init__(self, block_size: int, win_size: int, dim_head: int):
+        super().__init__()
+        self.block_size, self.win_size = block_size, win_size
+        self.height_rel = nn.Parameter(torch.randn(2 * win_size - 1, dim_head) * dim_head ** -0.5)
+        self.width_rel = nn.Parameter(torch.randn(2 * win_size - 1, dim_head) * dim_head ** -0.5)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        """q: (B, heads, nB, bs², d) unscaled -> (B, heads, nB, bs², win²)."""
+        bs, win = self.block_size, self.win_size
+        batch, heads, blocks, _, dim = q.shape
+        q = q.reshape(batch, heads, blocks, bs, bs, dim)
+        # index[query coordinate, key coordinate] into the 2·win-1 table rows
+        index = (torch.arange(win, device=q.device)[None, :] - torch.arange(bs, device=q.device)[:, None] + win - 1)
+        shape = (batch, heads, blocks, bs, bs, win)
+        logits_h = torch.gather(q @ self.height_rel.transpose(0, 1), -1, index[:, None, :].expand(shape))
+        logits_w = torch.gather(q @ self.width_rel.transpose(0, 1), -1, index[None, :, :].expand(shape))
+        rel = logits_h[..., :, None] + logits_w[..., None, :]  # (.., qy, qx, ky, kx)
+        return rel.reshape(batch, heads, blocks, bs * bs, win * win)
+
+
+class HaloAttn(nn.Module):
+    """Halo attention on a channels-last (B, H, W, C) map. Keys `kv` (1x1 conv, per-head [k|v] channels),
+    `q` (Linear), `pos_embed.{height,width}_rel`, `proj` (Linear with bias); no q/kv bias."""
+
+    def __init__(self, dim: int, num_heads: int, block_size: int = BLOCK_SIZE, halo_size: int = HALO_SIZE,
+                 qk_ratio: float = 1.0, qkv_bias: bool = False, dense: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.dim_head_qk = make_divisible(dim * qk_ratio, 8) // num_heads
+        self.dim_head_v = dim // num_heads
+        self.scale = self.dim_head_qk ** -0.5
+        self.block_size, self.halo_size = block_size, halo_size
+        self.win_size = block_size + 2 * halo_size
+        self.dense = dense
+        self.kv = nn.Conv2d(dim, num_heads * (self.dim_head_qk + self.dim_head_v), 1, bias=qkv_bias)
+        self.q = nn.Linear(dim, num_heads * self.dim_head_qk, bias=qkv_bias)
+        self.pos_embed = QueryRelatedPosEmbed(block_size, self.win_size, self.dim_head_qk)
+        self.proj = nn.Linear(num_heads * self.dim_head_v, dim)
+        self._masks = _MaskCache()
+
+    def halo_mask(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        return self._masks.get((height, width, device), lambda: halo_key_mask(
+            height, width, self.block_size, self.halo_size, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, _ = x.shape
+        bs, halo, win, heads = self.block_size, self.halo_size, self.win_size, self.num_heads
+        d_qk, d_v = self.dim_head_qk, self.dim_head_v
+        if self.dense:
+            pad_bottom, pad_right = (-height) % bs, (-width) % bs
+            if pad_bottom or pad_right:
+                x = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom))  # before the projections: q = k = v = 0 there
+        elif height % bs or width % bs:
+            raise ValueError(f"HaloAttn needs H and W multiples of the block size {bs}, got {height}x{width}")
+        padded_h, padded_w = x.shape[1], x.shape[2]
+        n_h, n_w = padded_h // bs, padded_w // bs
+
+        q = self.q(x).reshape(batch, n_h, bs, n_w, bs, heads, d_qk)
+        q = q.permute(0, 5, 1, 3, 2, 4, 6).reshape(batch, heads, n_h * n_w, bs * bs, d_qk)
+
+        kv = self.kv(x.permute(0, 3, 1, 2))  # (B, heads·(d_qk+d_v), H, W), channel = head·(d_qk+d_v) + c
+        kv = F.pad(kv, (halo, halo, halo, halo))
+        kv = kv.unfold(2, win, bs).unfold(3, win, bs)  # (B, ch, nH, nW, win, win)
+        kv = kv.reshape(batch, heads, d_qk + d_v, n_h * n_w, win * win).permute(0, 1, 3, 4, 2)
+        k, v = kv.split([d_qk, d_v], dim=-1)  # (B, heads, nB, win², d)
+
+        attn = (q * self.scale) @ k.transpose(-1, -2) + self.pos_embed(q)  # relative logits from unscaled q
+        mask = self.halo_mask(padded_h, padded_w, x.device)
+        attn = attn.masked_fill(mask, -torch.finfo(attn.dtype).max).softmax(dim=-1)
+        out = attn @ v  # (B, heads, nB, bs², d_v)
+
+        out = out.reshape(batch, heads, n_h, n_w, bs, bs, d_v).permute(0, 2, 4, 3, 5, 1, 6)
+        out = out.reshape(batch, padded_h, padded_w, heads * d_v)
+        if padded_h != height or padded_w != width:
+            out = out[:, :height, :width]
+        return self.proj(out)
+
+
+class UnifiedHaloBlock(nn.Module):
+    """NHWC in/out (the stage hooks permute). x + γ1·Halo(LN(x)); x + γ2·MLP(LN(x)); LayerNorm eps 1e-5."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, stage: int = 0, layer_scale_init_value: float = 1e-6,
+                 dense: bool = False, num_heads: int | Sequence[int] = (3, 6, 12, 24), block_size: int = BLOCK_SIZE,
+                 halo_size: int = HALO_SIZE, mlp_ratio: float = 4.0, qkv_bias: bool = False,
+                 pos_embed_type: str = "query_related", **_: Any):
+        super().__init__()
+        if pos_embed_type != "query_related":
+            raise ValueError(f"only pos_embed_type='query_related' is implemented (used by every model), "
+                             f"got {pos_embed_type!r}")
+        heads = num_heads if isinstance(num_heads, int) else num_heads[stage]
+        self.gamma_1 = layer_scale((1, 1, 1, dim), layer_scale_init_value)
+        self.gamma_2 = layer_scale((1, 1, 1, dim), layer_scale_init_value)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn = HaloAttn(dim, heads, block_size, halo_size, qkv_bias=qkv_bias, dense=dense)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path_or_identity(drop_path)
+
+    @staticmethod
+    def pre_stage_transform(x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1)
+
+    @staticmethod
+    def post_stage_transform(x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def input_size_error(height: int, width: int, img_size, dense: bool) -> str | None:
+        if dense:
+            return None  # blocks pad to the block size; MetaArch checks the multiple-of-32 rule
+        sizes = stage_resolutions(height, width)
+        if all(h % BLOCK_SIZE == 0 and w % BLOCK_SIZE == 0 for h, w in sizes):
+            return None
+        unit = 32 * BLOCK_SIZE
+        suggestion = "x".join(str(unit * max(1, math.ceil(n / unit))) for n in (height, width))
+        listed = ", ".join(f"{h}x{w}" for h, w in sizes)
+        return (f"every stage resolution must be a multiple of the block size {BLOCK_SIZE}, i.e. image sides "
+                f"{unit}·k (or up to 3 pixels less); a {height}x{width} input gives stage resolutions {listed}. "
+                f"Resize or pad it (e.g. to {suggestion}), or use stm_backbones.create_dense_backbone, which pads "
+                "inside the blocks")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(scale(self.attn(self.norm1(x)), self.gamma_1))
+        return x + self.drop_path(scale(self.mlp(self.norm2(x)), self.gamma_2))
+
+
+# Declarative size table: dims, depths, heads per stage, max stochastic-depth rate.
+SIZES = {
+    "micro": dict(dims=(32, 64, 128, 256), depths=(2, 2, 9, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.0),
+    "tiny": dict(dims=(96, 192, 384, 768), depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2),
+    "small": dict(dims=(96, 192, 384, 768), depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3),
+    "base": dict(dims=(128, 256, 512, 1024), depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5),
+}
+
+
+def _create(size: str, pretrained: bool, **kwargs):
+    table = dict(SIZES[size])
+    heads = table.pop("num_heads")
+    block_kwargs = dict(num_heads=heads, block_size=BLOCK_SIZE, halo_size=HALO_SIZE, mlp_ratio=4.0,
+                        pos_embed_type="query_related")
+    args = dict(img_size=224, block_type=UnifiedHaloBlock, block_kwargs=block_kwargs, **table)
+    return build_model(f"unified_halo_{size}", pretrained, **{**args, **kwargs})
+
+
+# The study released these as unified_halonet_{size}.pth.
+default_cfgs = generate_default_cfgs({f"unified_halo_{s}": study_cfg(f"unified_halonet_{s}.pth") for s in SIZES})
+
+
+@register_model
+def unified_halo_micro(pretrained: bool = False, **kwargs):
+    return _create("micro", pretrained, **kwargs)
+
+
+@register_model
+def unified_halo_tiny(pretrained: bool = False, **kwargs):
+    return _create("tiny", pretrained, **kwargs)
+
+
+@register_model
+def unified_halo_small(pretrained: bool = False, **kwargs):
+    return _create("small", pretrained, **kwargs)
+
+
+@register_model
+def unified_halo_base(pretrained: bool = False, **kwargs):
+    return _create("base", pretrained, **kwargs)
