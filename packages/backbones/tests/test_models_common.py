@@ -38,7 +38,9 @@ def test_features_only_and_dense_shapes(name):
         assert [o.shape[1] for o in outs] == features.feature_info.channels()
 
         dense = stm_backbones.create_dense_backbone(name).eval()
-        for height, width in ((96, 160), (256, 192)):
+        # a second, non-square size for every model; a larger one only where it is cheap
+        sizes = ((96, 160), (256, 192)) if name.endswith(("_micro", "_tiny")) else ((96, 160),)
+        for height, width in sizes:
             maps = dense(torch.randn(1, 3, height, width))
             assert [tuple(m.shape[-2:]) for m in maps] == [(height // s, width // s) for s in (4, 8, 16, 32)]
             assert [m.shape[1] for m in maps] == features.feature_info.channels()
