@@ -1,0 +1,13 @@
+"""Detectron2 project for the unified spatial-token-mixer backbones (Mask R-CNN + FPN).
+
+Importing the package registers the backbones ``build_unified_fpn_backbone`` and
+``build_unified_backbone`` in detectron2's BACKBONE_REGISTRY.
+"""
+
+from .backbone import UnifiedBackbone, build_unified_backbone, build_unified_fpn_backbone
+from .config import DEFAULT_NO_DECAY_KEYS, add_unified_config
+
+__all__ = [
+    "DEFAULT_NO_DECAY_KEYS", "UnifiedBackbone", "add_unified_config", "build_unified_backbone",
+    "build_unified_fpn_backbone",
+]

@@ -1,0 +1,50 @@
+"""Helpers shared by the detection app tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+APP_DIR = Path(__file__).resolve().parent.parent
+CONFIGS_DIR = APP_DIR / "configs"
+TRAIN_NET = APP_DIR / "train_net.py"
+BASE_CONFIG = CONFIGS_DIR / "Base-Unified-MaskRCNN-FPN-1x.yaml"
+DEMO_CONFIG = CONFIGS_DIR / "demo_shapes_unified_convnext_micro.yaml"
+MIXERS = ("halo", "pvt", "swin", "convnext", "dcn_v3")
+SIZES = ("micro", "tiny", "small", "base")
+
+# Shrinks a config so that a model runs in well under a second on a small CPU image.
+SMALL_OVERRIDES = [
+    "MODEL.DEVICE", "cpu",
+    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96",
+    "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96",
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "100", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "50",
+    "MODEL.RPN.PRE_NMS_TOPK_TEST", "100", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
+    "MODEL.UNIFIED.PRETRAINED", "",
+]
+
+
+def config_path(mixer: str, size: str) -> Path:
+    return CONFIGS_DIR / f"mask_rcnn_unified_{mixer}_{size}_fpn_1x_coco.yaml"
+
+
+def load_cfg(path, opts=()):
+    from detectron2.config import get_cfg
+
+    from stm_det import add_unified_config
+
+    cfg = get_cfg()
+    add_unified_config(cfg)
+    cfg.merge_from_file(str(path))
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def run_train_net(args, cwd, timeout=600) -> subprocess.CompletedProcess:
+    """Run train_net.py in a subprocess (one intra-op thread); returns the completed process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(TRAIN_NET), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
