@@ -175,3 +175,22 @@ def test_train_net_register_coco_errors(tmp_path, case):
     assert expected in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "last_checkpoint").exists()
+
+
+def test_train_net_setup_sets_num_classes_from_registered_json(tmp_path):
+    """With every training set from --register-coco, NUM_CLASSES follows the json unless given."""
+    import importlib.util
+
+    from det_test_utils import TRAIN_NET
+
+    spec = importlib.util.spec_from_file_location("stm_det_train_net", TRAIN_NET)
+    train_net = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_net)
+    json_file, root = _tiny_coco(tmp_path)
+    base = ["--config-file", str(BASE_CONFIG), "--register-coco", "det_test_auto", json_file, root,
+            "DATASETS.TRAIN", '("det_test_auto",)', "DATASETS.TEST", '("det_test_auto",)', "MODEL.DEVICE", "cpu"]
+    args = train_net.argument_parser().parse_args([*base, "OUTPUT_DIR", str(tmp_path / "a")])
+    assert train_net.setup(args).MODEL.ROI_HEADS.NUM_CLASSES == 2
+    args = train_net.argument_parser().parse_args(
+        [*base, "OUTPUT_DIR", str(tmp_path / "b"), "MODEL.ROI_HEADS.NUM_CLASSES", "5"])
+    assert train_net.setup(args).MODEL.ROI_HEADS.NUM_CLASSES == 5
