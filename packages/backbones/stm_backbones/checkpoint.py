@@ -9,6 +9,7 @@ to another model (`CheckpointMismatchError`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import urllib.parse
@@ -54,8 +55,13 @@ def read_checkpoint(source: str | os.PathLike, trusted: bool = False) -> Any:
     path = _download(text) if text.startswith(("http://", "https://")) else Path(text)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    # `safe_globals` removes what it added on exit, so only enter it when Namespace is not already
+    # allowed process-wide (an app's add_safe_globals must survive our loads).
+    namespace_allowed = argparse.Namespace in torch.serialization.get_safe_globals()
+    allow_namespace = (contextlib.nullcontext() if namespace_allowed
+                       else torch.serialization.safe_globals([argparse.Namespace]))
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with allow_namespace:
             return torch.load(path, map_location="cpu", weights_only=not trusted)
     except Exception as error:  # noqa: BLE001 - re-raised with the file named
         hint = "" if trusted else " (if you trust the file, pass trusted=True to unpickle arbitrary objects)"

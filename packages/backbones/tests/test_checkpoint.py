@@ -149,3 +149,29 @@ def test_classification_checkpoint_into_dense_backbone(tmp_path, name):
     assert torch.equal(own["out_norm_0.weight"], torch.ones_like(own["out_norm_0.weight"]))  # fresh
     with pytest.raises(CheckpointMismatchError, match="missing"):
         stm_backbones.load_into_dense_backbone(dense, {"model": {"head.weight": torch.zeros(1)}})
+
+
+@pytest.fixture
+def restore_safe_globals():
+    saved = list(torch.serialization.get_safe_globals())
+    yield
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(saved)
+
+
+def test_loading_keeps_a_process_wide_namespace_allowance(tmp_path, restore_safe_globals):
+    # Apps allow argparse.Namespace for weights-only loads process-wide; our loader must not undo that.
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    path = tmp_path / "with_args.pth"
+    torch.save({"model": {}, "args": argparse.Namespace(lr=1.0)}, path)
+    assert stm_backbones.checkpoint.read_checkpoint(path)["args"].lr == 1.0
+    assert argparse.Namespace in torch.serialization.get_safe_globals()
+    assert torch.load(path, weights_only=True)["args"].lr == 1.0
+
+
+def test_loading_without_allowance_leaves_none_behind(tmp_path, restore_safe_globals):
+    torch.serialization.clear_safe_globals()
+    path = tmp_path / "with_args.pth"
+    torch.save({"model": {}, "args": argparse.Namespace(lr=1.0)}, path)
+    assert stm_backbones.checkpoint.read_checkpoint(path)["args"].lr == 1.0
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()

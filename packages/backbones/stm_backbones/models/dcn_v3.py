@@ -71,6 +71,36 @@ class _GridCache:
         return value
 
 
+class _SizeCache:
+    """Tensors that depend only on a map/image size: a few recently used entries keyed by (size, device, ..),
+    bounded (detection sees many sizes), bypassed while torch.compile traces. Values are shared: read-only."""
+
+    def __init__(self, capacity: int = 16):
+        self.capacity = capacity
+        self.entries: dict[tuple, Any] = {}
+
+    def get(self, key: tuple, build):
+        if torch.compiler.is_compiling():
+            return build()
+        value = self.entries.get(key)
+        if value is None:
+            if len(self.entries) >= self.capacity:
+                self.entries.clear()
+            value = self.entries[key] = build()
+        return value
+
+
+_LEVEL_TENSORS = _SizeCache()
+_EXTRA_INPUTS = _SizeCache()
+
+
+def _level_tensors(height: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """spatial_shapes [[height, width]] and level_start_index [0] (int64) of a one-level map."""
+    return _LEVEL_TENSORS.get((height, width, device), lambda: (
+        torch.tensor([[height, width]], dtype=torch.int64, device=device),
+        torch.zeros(1, dtype=torch.int64, device=device)))
+
+
 class DeformableAttention(nn.Module):
     """The DCNv3 mixer (`MSDeformAttnGrid_softmax` with one level) on channels-last (B, H, W, C) input.
 
@@ -116,32 +146,76 @@ class DeformableAttention(nn.Module):
 
     def forward(self, u: torch.Tensor, stage_inputs) -> torch.Tensor:
         """u: (B, H, W, C) (the norm1 output); stage_inputs: (reference_points, spatial_shapes, level_start_index, _)."""
-        reference_points, spatial_shapes, level_start_index = stage_inputs[:3]
+        return self.output_proj(self.sample(u, stage_inputs)).view(u.shape)
+
+    def sample(self, u: torch.Tensor, stage_inputs) -> torch.Tensor:
+        """The deformable sampling before `output_proj`: (B, H, W, C) -> (B, H·W, C).
+
+        Computes what the reference computes (value zero-padded by `pad` after value_proj, locations
+        `ref + (grid + offsets)·scaler / (Wp, Hp)` in the padded frame, softmax weights) in a cheaper form:
+
+        * no padding: sampling the padded map at padded pixel X equals sampling the unpadded map at X − pad
+          (bilinear, zeros outside, in both the compiled op and grid_sample), so the locations are
+          expressed in the unpadded frame and the value map is used as it is;
+        * the affine location transform is folded into the offsets projection: one GEMM with weight
+          W·scaler/(W, H) and a per-(query, head, point) bias table replace linear + 4 element-wise passes;
+        * offsets and attention logits come from one GEMM; the softmax over the 9 points uses
+          `ops.softmax_lastdim` (ATen's kernel is slow for such short rows).
+        """
+        reference_points = stage_inputs[0]
         batch, height, width, channels = u.shape
         queries = height * width
-        heads, points, levels = self.num_heads, self.points, self.levels
+        heads, points, pad = self.num_heads, self.points, self.pad
+        rows = heads * points  # (head, point) pairs, levels == 1
+        low = ops._reduced_autocast(u.device.type)
+        if low is not None and not ops.plain_path():
+            u = u.to(low)  # what autocast gives the conv and value_proj, cast once instead of twice
 
-        # offsets and weights from the depth-wise conv branch
-        branch = self.dw_conv(u.permute(0, 3, 1, 2)).reshape(batch, queries, channels)
-        offsets = self.sampling_offsets(branch).view(batch, queries, heads, levels, points, 2)
-        weights = self.attention_weights(branch).view(batch, queries, heads, levels * points)
-        weights = weights.softmax(-1).view(batch, queries, heads, levels, points)
+        # offsets and weights from the depth-wise conv branch: conv on the channels-last view, LN, GELU
+        conv, norm = self.dw_conv[0], self.dw_conv[1]
+        branch = norm(conv(u.permute(0, 3, 1, 2)))
+        if torch.is_grad_enabled() and branch.requires_grad or ops.plain_path():
+            branch = F.gelu(branch)
+        else:
+            branch = torch.ops.aten.gelu_(branch)
+        branch = branch.reshape(batch * queries, channels)
 
-        # values from the norm1 output, zero-padded after the projection
-        value = self.value_proj(u)
-        pad = self.pad
-        if pad:
-            value = F.pad(value, (0, 0, pad, pad, pad, pad))
-        padded = (height + 2 * pad, width + 2 * pad)
-        value = value.reshape(batch, padded[0] * padded[1], heads, self.head_dim)
+        # location = base(query) + const(head, point) + branch @ w_loc.T, in the unpadded normalised frame
+        weight = self.sampling_offsets.weight
+        factor = torch.tensor([self.offsets_scaler / width, self.offsets_scaler / height], dtype=weight.dtype,
+                              device=u.device)
+        w_loc = (weight.view(rows, 2, channels) * factor[:, None]).view(2 * rows, channels)
+        grid = self._grids.get(self.grid, u.device).view(rows, 2)
+        const = (grid + self.sampling_offsets.bias.view(rows, 2)) * factor  # (rows, 2)
+        ref_dtype = torch.promote_types(reference_points.dtype, weight.dtype)
+        padded = torch.tensor([width + 2 * pad, height + 2 * pad], dtype=ref_dtype, device=u.device)
+        base = (reference_points.reshape(queries, 2).to(ref_dtype) * padded - pad) / (padded - 2 * pad)  # (x+.5)/W
+        table = (base[:, None, :] + const[None]).reshape(queries, 2 * rows)
 
-        grid = self._grids.get(self.grid, u.device)
-        normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)  # (L, 2) = (Wp, Hp)
-        locations = (reference_points[:, :, None, :, None, :]
-                     + (grid + offsets) * self.offsets_scaler / normalizer[None, None, None, :, None, :])
-        out = ops.ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, self.im2col_step,
-                                 static_shapes=[padded])
-        return self.output_proj(out).view(batch, height, width, channels)
+        projected = torch.mm(branch, torch.cat([w_loc, self.attention_weights.weight]).t())
+        loc, logits = projected.split([2 * rows, rows], dim=-1)
+        locations = (loc.view(batch, queries, 2 * rows) + table).view(batch, queries, heads, 1, points, 2)
+        weights = ops.softmax_lastdim((logits + self.attention_weights.bias).view(batch, queries, heads, points))
+        weights = weights.view(batch, queries, heads, 1, points)
+
+        value = self.value_proj(u).reshape(batch, queries, heads, self.head_dim)
+        spatial_shapes, level_start_index = _level_tensors(height, width, u.device)
+        return ops.ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, self.im2col_step,
+                                  static_shapes=[(height, width)])
+
+
+def _build_extra_inputs(image_h: int, image_w: int, pad: int, depths: int, device: torch.device) -> list[tuple]:
+    out = []
+    for i in range(depths):
+        h, w = image_h // 2 ** (i + 2), image_w // 2 ** (i + 2)
+        hp, wp = h + 2 * pad, w + 2 * pad
+        ys = (torch.arange(h, dtype=torch.float32, device=device) + (pad + 0.5)) / hp
+        xs = (torch.arange(w, dtype=torch.float32, device=device) + (pad + 0.5)) / wp
+        ref = torch.stack([xs[None, :].expand(h, w), ys[:, None].expand(h, w)], dim=-1).reshape(1, h * w, 1, 2)
+        shapes = torch.tensor([[hp, wp]], dtype=torch.int64, device=device)
+        start = torch.zeros(1, dtype=torch.int64, device=device)
+        out.append((ref, shapes, start, (h, w)))
+    return out
 
 
 class DCNv3Block(nn.Module):
@@ -172,21 +246,13 @@ class DCNv3Block(nn.Module):
         h = Himg // 2**(i+2), w likewise; the value map is padded to (Hp, Wp) = (h + 2·pad, w + 2·pad);
         reference_points (1, h·w, 1, 2) float32 hold ((x + pad + 0.5) / Wp, (y + pad + 0.5) / Hp) for the
         row-major query pixels; spatial_shapes = [[Hp, Wp]] and level_start_index = [0] (int64).
+        They depend only on the image size: built once per (size, device, settings) and cached (treat them
+        as read-only); rebuilt in place while torch.compile traces.
         """
         pad = int(math.sqrt(deform_points) // 2) if deform_padding else 0
-        image_h, image_w = image.shape[-2:]
-        device = image.device
-        out = []
-        for i in range(depths):
-            h, w = image_h // 2 ** (i + 2), image_w // 2 ** (i + 2)
-            hp, wp = h + 2 * pad, w + 2 * pad
-            ys = (torch.arange(h, dtype=torch.float32, device=device) + (pad + 0.5)) / hp
-            xs = (torch.arange(w, dtype=torch.float32, device=device) + (pad + 0.5)) / wp
-            ref = torch.stack([xs[None, :].expand(h, w), ys[:, None].expand(h, w)], dim=-1).reshape(1, h * w, 1, 2)
-            shapes = torch.tensor([[hp, wp]], dtype=torch.int64, device=device)
-            start = torch.zeros(1, dtype=torch.int64, device=device)
-            out.append((ref, shapes, start, (h, w)))
-        return out
+        image_h, image_w = (int(n) for n in image.shape[-2:])
+        return list(_EXTRA_INPUTS.get((image_h, image_w, pad, depths, image.device),
+                                      lambda: _build_extra_inputs(image_h, image_w, pad, depths, image.device)))
 
     @staticmethod
     def input_size_error(height: int, width: int, img_size, dense: bool) -> str | None:
@@ -199,10 +265,24 @@ class DCNv3Block(nn.Module):
 
     # ---- forward
     def forward(self, inputs):
+        """y + γ1·attn(LN(y)), then y + γ2·MLP(LN(y)) on y = x channels-last.
+
+        Fast path (the same function up to float rounding): `ops.linear_branch` / `ops.mlp_branch` fold γ
+        into output_proj / fc2 where that is cheaper, use the residual as the GEMM accumulator, fuse γ and
+        DropPath into one pass otherwise, and run the MLP in cache-sized row chunks. MetaArch's maps are
+        channels_last in memory, so the permutes here are free views.
+        """
         x, stage_inputs = inputs
         y = x.permute(0, 2, 3, 1)
-        y = y + self.drop_path(scale(self.attn(self.norm1(y), stage_inputs), self.gamma1))
-        y = y + self.drop_path(scale(self.mlp(self.norm2(y)), self.gamma2))
+        attn, mlp = self.attn, self.mlp
+        sampled = attn.sample(self.norm1(y), stage_inputs).view(y.shape)
+        y = ops.linear_branch(y, sampled, attn.output_proj.weight, attn.output_proj.bias, self.gamma1,
+                              self.drop_path)
+        if isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none":
+            # y is this block's own fresh tensor: the no-grad path may accumulate into it
+            y = ops.mlp_branch(y, self.norm2(y), mlp.fc1, mlp.fc2, self.gamma2, self.drop_path, inplace=True)
+        else:
+            y = y + self.drop_path(scale(mlp(self.norm2(y)), self.gamma2))
         return y.permute(0, 3, 1, 2), stage_inputs
 
 

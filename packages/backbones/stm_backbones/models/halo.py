@@ -11,6 +11,16 @@ Key positions outside the (padded) image are masked by *filling* their logits wi
 
 The halo mask depends only on the map size: it is built on first use for each (size, device) and kept in
 a small cache on the module (never in the state_dict, follows the input's device).
+
+Fast path (same math as the straightforward formulation up to float rounding): q and the k|v projection
+are Linear layers on the channels-last tokens (the 1x1 conv's weight viewed (out, C)); the k|v windows
+are gathered once by `halo_windows`, whose backward adds the overlapping window gradients back with a few
+strided additions instead of `unfold`'s scatter; the relative logits and the key mask form one additive
+attention mask (the mask is separable: a key is outside iff its row or its column is, so -inf enters
+through the two small per-axis logit tables; no row is ever fully masked, as a query's own block lies
+inside the map, so -inf gives exactly the zero weights of the -finfo.max fill); attention then runs as
+fused `F.scaled_dot_product_attention` without autograd through the mask, and as one `baddbmm` (mask +
+scale·q·kᵀ), softmax and `bmm` with it. Residual branches fold γ and DropPath into one `addcmul`.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from timm.models import generate_default_cfgs
 from torch import nn
 
 from .._builder import build_model, study_cfg
-from ..layers import Mlp, drop_path_or_identity, layer_scale, scale
+from ..layers import Mlp, drop_path_or_identity, layer_scale, residual_add
 from ..registry import register_model
 from .swin import _MaskCache, stage_resolutions
 
@@ -54,10 +64,61 @@ def halo_key_mask(height: int, width: int, block_size: int, halo_size: int,
     return (~valid).reshape(1, -1, 1, win * win)
 
 
+def _halo_windows_reference(kv: torch.Tensor, block_size: int, halo_size: int,
+                            split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, W, heads, ch) map -> windows (B, heads, nH, nW, win, win, ·) of channels [:split] and [split:]
+    (zeros outside the map), each contiguous, via `unfold`."""
+    win = block_size + 2 * halo_size
+    padded = F.pad(kv, (0, 0, 0, 0, halo_size, halo_size, halo_size, halo_size))
+    windows = padded.unfold(1, win, block_size).unfold(2, win, block_size)  # (B, nH, nW, heads, ch, win, win)
+    windows = windows.permute(0, 3, 1, 2, 5, 6, 4)
+    return windows[..., :split].contiguous(), windows[..., split:].contiguous()
+
+
+class _HaloWindows(torch.autograd.Function):
+    """`_halo_windows_reference` whose backward sums the overlapping window gradients with a few strided
+    `add_`s over block-aligned pieces of the windows (`unfold`'s backward is a slow scatter on CPU)."""
+
+    @staticmethod
+    def forward(ctx, kv: torch.Tensor, block_size: int, halo_size: int, split: int):
+        ctx.block_size, ctx.halo_size, ctx.split, ctx.map_shape = block_size, halo_size, split, kv.shape
+        return _halo_windows_reference(kv, block_size, halo_size, split)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor | None):
+        bs, halo, split = ctx.block_size, ctx.halo_size, ctx.split
+        batch, height, width, heads, channels = ctx.map_shape
+        n_h, n_w, win = height // bs, width // bs, bs + 2 * halo
+        pieces = [(i, min(bs, win - i * bs)) for i in range(-(-win // bs))]  # window rows [i·bs, i·bs + len)
+        extra = len(pieces) - 1
+        reference = next(g for g in grads if g is not None)
+        # gradient of the padded map, in blocks: window (i, j) piece (a, b) lands on block (i + a, j + b)
+        padded = reference.new_zeros(batch, n_h + extra, bs, n_w + extra, bs, heads, channels)
+        for grad, target in zip(grads, (padded[..., :split], padded[..., split:])):
+            if grad is None:
+                continue
+            grad = grad.permute(0, 2, 4, 3, 5, 1, 6)  # (B, nH, win_y, nW, win_x, heads, ·)
+            for a, rows in pieces:
+                for b, cols in pieces:
+                    target[:, a:a + n_h, :rows, b:b + n_w, :cols].add_(
+                        grad[:, :, a * bs:a * bs + rows, :, b * bs:b * bs + cols])
+        padded = padded.view(batch, (n_h + extra) * bs, (n_w + extra) * bs, heads, channels)
+        return padded[:, halo:halo + height, halo:halo + width], None, None, None
+
+
+def halo_windows(kv: torch.Tensor, block_size: int, halo_size: int, split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, W, heads, ch) map (H, W multiples of the block size) -> the win x win windows centred on every
+    block (zeros outside the map), (B, heads, nH, nW, win, win, ·), of channels [:split] and [split:]."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return _halo_windows_reference(kv, block_size, halo_size, split)  # traced graphs see plain aten ops
+    return _HaloWindows.apply(kv, block_size, halo_size, split)
+
+
 class QueryRelatedPosEmbed(nn.Module):
     """Relative-position logits q·height_rel[win-1+ky-qy] + q·width_rel[win-1+kx-qx] (timm's rel_logits_1d).
 
-    Computed as q @ table.T over all 2·win-1 rows, then gathered (same FLOP count as the reference).
+    `forward` computes them as q @ table.T over all 2·win-1 rows, then gathers (the reference's formulation
+    and FLOP count); `HaloAttn` uses `position_tables` instead: one batched product per query position.
     """
 
     def __init__(self, block_size: int, win_size: int, dim_head: int):
@@ -65,6 +126,16 @@ class QueryRelatedPosEmbed(nn.Module):
         self.block_size, self.win_size = block_size, win_size
         self.height_rel = nn.Parameter(torch.randn(2 * win_size - 1, dim_head) * dim_head ** -0.5)
         self.width_rel = nn.Parameter(torch.randn(2 * win_size - 1, dim_head) * dim_head ** -0.5)
+
+    def position_tables(self) -> torch.Tensor:
+        """(bs², d, win²): the relative logits of the query at block position p are q @ tables[p], i.e.
+        tables[p, :, (ky, kx)] = height_rel[win-1+ky-qy] + width_rel[win-1+kx-qx] for p = (qy, qx)."""
+        bs, win = self.block_size, self.win_size
+        device = self.height_rel.device
+        index = (torch.arange(win, device=device)[None, :] - torch.arange(bs, device=device)[:, None] + win - 1)
+        rows = self.height_rel[index][:, None, :, None, :]  # (qy, 1, ky, 1, d)
+        cols = self.width_rel[index][None, :, None, :, :]  # (1, qx, 1, kx, d)
+        return (rows + cols).view(bs * bs, win * win, -1).transpose(1, 2)
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         """q: (B, heads, nB, bs², d) unscaled -> (B, heads, nB, bs², win²)."""
@@ -99,10 +170,17 @@ class HaloAttn(nn.Module):
         self.pos_embed = QueryRelatedPosEmbed(block_size, self.win_size, self.dim_head_qk)
         self.proj = nn.Linear(num_heads * self.dim_head_v, dim)
         self._masks = _MaskCache()
+        self._additive_masks = _MaskCache()
 
     def halo_mask(self, height: int, width: int, device: torch.device) -> torch.Tensor:
         return self._masks.get((height, width, device), lambda: halo_key_mask(
             height, width, self.block_size, self.halo_size, device=device))
+
+    def additive_key_mask(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(nB, win²): the halo mask as an additive 0 / -inf mask. -inf gives outside keys exactly the zero
+        weight of the -finfo.max fill, as no row is fully masked (a query's own block is inside the map)."""
+        return self._additive_masks.get((height, width, device, dtype), lambda: torch.zeros(
+            (), dtype=dtype, device=device).masked_fill(self.halo_mask(height, width, device)[0, :, 0], float("-inf")))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, _ = x.shape
@@ -117,19 +195,31 @@ class HaloAttn(nn.Module):
         padded_h, padded_w = x.shape[1], x.shape[2]
         n_h, n_w = padded_h // bs, padded_w // bs
 
-        q = self.q(x).reshape(batch, n_h, bs, n_w, bs, heads, d_qk)
-        q = q.permute(0, 5, 1, 3, 2, 4, 6).reshape(batch, heads, n_h * n_w, bs * bs, d_qk)
+        blocks = n_h * n_w
+        q = self.q(x).view(batch, n_h, bs, n_w, bs, heads, d_qk)
+        q = q.permute(0, 5, 1, 3, 2, 4, 6).reshape(batch, heads * blocks, bs * bs, d_qk)
 
-        kv = self.kv(x.permute(0, 3, 1, 2))  # (B, heads·(d_qk+d_v), H, W), channel = head·(d_qk+d_v) + c
-        kv = F.pad(kv, (halo, halo, halo, halo))
-        kv = kv.unfold(2, win, bs).unfold(3, win, bs)  # (B, ch, nH, nW, win, win)
-        kv = kv.reshape(batch, heads, d_qk + d_v, n_h * n_w, win * win).permute(0, 1, 3, 4, 2)
-        k, v = kv.split([d_qk, d_v], dim=-1)  # (B, heads, nB, win², d)
+        kv = F.linear(x, self.kv.weight.view(self.kv.out_channels, -1), self.kv.bias)  # the 1x1 conv, channels-last
+        k, v = halo_windows(kv.view(batch, padded_h, padded_w, heads, d_qk + d_v), bs, halo, d_qk)
+        k, v = k.view(batch, heads * blocks, win * win, d_qk), v.view(batch, heads * blocks, win * win, d_v)
 
-        attn = (q * self.scale) @ k.transpose(-1, -2) + self.pos_embed(q)  # relative logits from unscaled q
-        mask = self.halo_mask(padded_h, padded_w, x.device)
-        attn = attn.masked_fill(mask, -torch.finfo(attn.dtype).max).softmax(dim=-1)
-        out = attn @ v  # (B, heads, nB, bs², d_v)
+        # relative logits (from the unscaled q) + key mask, as one additive (B, heads·nB, bs², win²) mask
+        key_mask = self.additive_key_mask(padded_h, padded_w, x.device, q.dtype)  # (nB, win²)
+        if torch.jit.is_tracing() or torch.jit.is_scripting():  # the reference's ops (and fvcore FLOP count)
+            rel = self.pos_embed(q.view(batch, heads, blocks, bs * bs, d_qk))
+            mask = (rel + key_mask[:, None, :]).view(batch, heads * blocks, bs * bs, win * win)
+        else:  # per query position p: key mask + q @ tables[p], batched over p, then viewed query-major
+            key_mask = key_mask.expand(batch, heads, blocks, win * win).reshape(1, -1, win * win)
+            mask = torch.baddbmm(key_mask, q.flatten(0, 1).transpose(0, 1), self.pos_embed.position_tables())
+            mask = mask.transpose(0, 1).unflatten(0, (batch, heads * blocks))
+
+        if torch.is_grad_enabled() and mask.requires_grad and not torch.jit.is_tracing():
+            # autograd through the mask (fused SDPA gives it no gradient): mask + scale·q·kᵀ in one product
+            attn = torch.baddbmm(mask.flatten(0, 1), q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2),
+                                 alpha=self.scale)
+            out = torch.bmm(attn.softmax(dim=-1), v.flatten(0, 1))  # (B·heads·nB, bs², d_v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), scale=self.scale)
 
         out = out.reshape(batch, heads, n_h, n_w, bs, bs, d_v).permute(0, 2, 4, 3, 5, 1, 6)
         out = out.reshape(batch, padded_h, padded_w, heads * d_v)
@@ -182,8 +272,10 @@ class UnifiedHaloBlock(nn.Module):
                 "inside the blocks")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(scale(self.attn(self.norm1(x)), self.gamma_1))
-        return x + self.drop_path(scale(self.mlp(self.norm2(x)), self.gamma_2))
+        if not x.is_contiguous():  # the stage's first block gets a permuted NCHW map: one copy
+            x = x.contiguous()
+        x = residual_add(x, self.attn(self.norm1(x)), self.gamma_1, self.drop_path)
+        return residual_add(x, self.mlp(self.norm2(x)), self.gamma_2, self.drop_path)
 
 
 # Declarative size table: dims, depths, heads per stage, max stochastic-depth rate.

@@ -28,6 +28,7 @@ from timm.layers import trunc_normal_
 from timm.models import generate_default_cfgs
 from torch import nn
 
+from .. import ops
 from .._builder import build_model, study_cfg
 from ..layers import drop_path_or_identity, layer_scale, scale
 from ..meta_arch import DEFAULT_NORM
@@ -100,6 +101,14 @@ class SpatialReductionAttention(nn.Module):
 
     def forward(self, y: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """y: (B, N = H*W, C) normalised tokens; returns (B, N, C)."""
+        return self.proj(self.attend(y, height, width))
+
+    def attend(self, y: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The attention before `proj`: (B, N, C) -> (B, N, C), heads concatenated.
+
+        One fused `scaled_dot_product_attention` call on strided views of the q / kv projections (the
+        reference scales q·kᵀ after the product; SDPA's scaling is the same up to float rounding).
+        """
         batch, tokens, channels = y.shape
         q = self.q(y).reshape(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
         if self.sr_ratio > 1:
@@ -107,12 +116,15 @@ class SpatialReductionAttention(nn.Module):
             z = self.norm(_tokens(z))
         else:
             z = y
-        kv = self.kv(z).reshape(batch, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        k, v = kv.unbind(0)  # each (B, heads, N', d)
-        attn = (q @ k.transpose(-2, -1)) * self.scale  # the scale is applied after the product
-        attn = attn.softmax(dim=-1)
-        out = (attn @ v).transpose(1, 2).reshape(batch, tokens, channels)
-        return self.proj(out)
+        kv = self.kv(z).reshape(batch, -1, 2, self.num_heads, self.head_dim)
+        k, v = (t.transpose(1, 2) for t in kv.unbind(2))  # each (B, heads, N', d)
+        if torch.is_autocast_enabled(y.device.type) and not ops.plain_path():
+            # the reference's formulation: in bfloat16 the CPU flash kernel (its backward above all) is
+            # several times slower than two batched GEMMs and a softmax over the 49 keys
+            attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+            return (attn @ v).transpose(1, 2).reshape(batch, tokens, channels)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return out.transpose(1, 2).reshape(batch, tokens, channels)
 
 
 class _PvtMlp(nn.Module):
@@ -176,8 +188,19 @@ class _SraBlockBase(nn.Module):
         self.mlp = self.mlp_type(dim, int(dim * _per_stage(mlp_ratios, stage)))
         self.drop_path = drop_path_or_identity(drop_path)
 
+    def _attn_branch(self, residual: torch.Tensor, t: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """residual + drop_path(γ1·SRA(LN(t))) (`ops.linear_branch`: γ1 folded into `proj` where cheaper,
+        the residual as the GEMM accumulator, γ and DropPath fused otherwise)."""
+        attended = self.attn.attend(self.norm1(t), height, width)
+        return ops.linear_branch(residual, attended, self.attn.proj.weight, self.attn.proj.bias, self.gamma_1,
+                                 self.drop_path)
+
     def _mlp_branch(self, t: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        return t + self.drop_path(scale(self.mlp(self.norm2(t), height, width), self.gamma_2))
+        """t + drop_path(γ2·MLP(LN(t))); `t` must be the block's own tensor (the no-grad path updates it)."""
+        mlp = self.mlp
+        if not isinstance(mlp, _PvtMlp):
+            return t + self.drop_path(scale(mlp(self.norm2(t), height, width), self.gamma_2))
+        return ops.mlp_branch(t, self.norm2(t), mlp.fc1, mlp.fc2, self.gamma_2, self.drop_path, inplace=True)
 
     @staticmethod
     def _too_small(height: int, width: int) -> str | None:
@@ -235,11 +258,12 @@ class PvtBlock(_SraBlockBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
+        t = _tokens(x)  # a free view of MetaArch's channels_last maps
         if self.dense:
-            identity = _tokens(x)  # residual taken before the position embedding
+            identity = t  # residual taken before the position embedding
             if self.pos_embed is not None:
-                x = x + self._resized_pos_embed(height, width)
-            t = identity + self.drop_path(scale(self.attn(self.norm1(_tokens(x)), height, width), self.gamma_1))
+                t = t + _tokens(self._resized_pos_embed(height, width))
+            t = self._attn_branch(identity, t, height, width)
         else:
             if self.pos_embed is not None:
                 if tuple(self.pos_embed.shape[-2:]) != (height, width):
@@ -247,9 +271,8 @@ class PvtBlock(_SraBlockBase):
                         f"PvtBlock built for a {self.pos_embed.shape[-2]}x{self.pos_embed.shape[-1]} map (fixed "
                         f"position embedding), got {height}x{width}; pass the matching img_size to "
                         "timm.create_model")
-                x = x + self.pos_embed  # stays in the residual
-            t = _tokens(x)
-            t = t + self.drop_path(scale(self.attn(self.norm1(t), height, width), self.gamma_1))
+                t = t + _tokens(self.pos_embed)  # stays in the residual
+            t = self._attn_branch(t, t, height, width)
         return _untokens(self._mlp_branch(t, height, width), height, width)
 
 
@@ -270,7 +293,7 @@ class PvtV2Block(_SraBlockBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
         t = _tokens(x)
-        t = t + self.drop_path(scale(self.attn(self.norm1(t), height, width), self.gamma_1))
+        t = self._attn_branch(t, t, height, width)
         return _untokens(self._mlp_branch(t, height, width), height, width)
 
 

@@ -12,6 +12,13 @@ Two modes of `SwinBlock`:
 The reference cannot run a classifier whose stage resolution is larger than the window and not a multiple
 of it (e.g. `img_size=64`: 16x16 in stage 0). We run such stages the way the dense variant does (pad after
 `norm1`, mask built for the padded size at construction); at the study's 224 nothing is padded.
+
+Fast path (same math as the straightforward formulation up to float rounding): the block works on a
+channels-last (B, H, W, C) view of its NCHW input and returns an NCHW view of channels-last memory; the
+cyclic shift and the window partition are one token gather (`window_order`) and their inverses another;
+the relative-position bias and the shift mask are added to the logits as one precomputed additive mask;
+without autograd through that mask (inference) attention runs as fused
+`F.scaled_dot_product_attention`, and the bias/mask, which depends only on the table, is cached.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from timm.models import generate_default_cfgs
 from torch import nn
 
 from .._builder import build_model, study_cfg
-from ..layers import LayerNorm2d, Mlp, drop_path_or_identity, layer_scale, scale
+from ..layers import LayerNorm2d, Mlp, drop_path_or_identity, layer_scale, residual_add
 from ..registry import register_model
 
 SHIFT_MASK_VALUE = -100.0
@@ -96,6 +103,70 @@ def shift_window_mask(height: int, width: int, window: int, shift: int,
     return torch.where(different, zero + SHIFT_MASK_VALUE, zero)
 
 
+def window_order(height: int, width: int, window: int, shift: int,
+                 device: torch.device | str | None = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token permutation of `window_partition(roll(y, (-shift, -shift)))` on a row-major (H·W) token axis.
+
+    Returns (order, inverse), int64 of length H·W: window token j (windows ordered window row, window
+    column; tokens row-major) is map token order[j]; `inverse` undoes it (window_reverse + roll back).
+    """
+    rows = torch.arange(height, device=device).view(height // window, 1, window, 1)
+    cols = torch.arange(width, device=device).view(1, width // window, 1, window)
+    order = (((rows + shift) % height) * width + (cols + shift) % width).reshape(-1)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=device)
+    return order, inverse
+
+
+class _PermuteTokens(torch.autograd.Function):
+    """`x.index_select(1, order)` for a permutation: the backward is the inverse gather, not a scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, order)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
+
+
+def permute_tokens(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """(B, L, C) -> (B, L, C) with token j = x[:, order[j]]; `inverse` is the inverse permutation."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return x.index_select(1, order)  # traced graphs (fvcore, export) see a plain aten op
+    return _PermuteTokens.apply(x, order, inverse)
+
+
+class _SoftmaxFlushDenormals(torch.autograd.Function):
+    """softmax(x) with outputs below finfo.tiny (denormals) set to 0, and the matching softmax backward.
+
+    A key masked with -100 gets a weight of about e^-100 ≈ 4e-44: a float32 *denormal*, on which the CPU's
+    matrix products (attn @ v and the backward products) run an order of magnitude slower. Zeroing it
+    changes each output by less than 1e-37 of the values' scale (no effect in float64: e^-100 is normal).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, dim: int) -> torch.Tensor:
+        probs = torch.softmax(logits, dim)
+        F.threshold_(probs, torch.finfo(probs.dtype).tiny, 0.0)
+        ctx.save_for_backward(probs)
+        ctx.dim = dim
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (probs,) = ctx.saved_tensors
+        return torch._softmax_backward_data(grad, probs, ctx.dim, probs.dtype), None
+
+
+def softmax_flush_denormals(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return logits.softmax(dim)
+    return _SoftmaxFlushDenormals.apply(logits, dim)
+
+
 # ------------------------------------------------------------------------------------------ attention
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows with a learned relative-position bias (timm 0.6 layout)."""
@@ -111,6 +182,7 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * num_heads * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(num_heads * self.head_dim, dim)
         trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self._bias_cache: tuple[tuple, torch.Tensor] | None = None  # inference only, never in the state_dict
 
     def relative_position_bias(self) -> torch.Tensor:
         """(heads, N, N): bias[h, p, q] = table[index[p, q], h]."""
@@ -119,19 +191,50 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[index.reshape(-1)].view(tokens, tokens, self.num_heads)
         return bias.permute(2, 0, 1)
 
+    def attention_bias(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(nW or 1, heads, N, N): relative-position bias plus the (nW, N, N) shift mask, if any."""
+        bias = self.relative_position_bias().unsqueeze(0)
+        return bias if mask is None else bias + mask.unsqueeze(1)
+
+    def _inference_mask(self, mask: torch.Tensor | None, windows: int, dtype: torch.dtype) -> torch.Tensor:
+        """The additive SDPA mask for `windows` windows, (windows or 1, heads, N, N), cached while the table,
+        index and shift mask are unchanged (keyed on their storage and version counters)."""
+        table, index = self.relative_position_bias_table, self.relative_position_index
+        cacheable = not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+                         or any(t.is_inference() for t in (table, index, mask) if t is not None))  # no versions
+        key = None
+        if cacheable:
+            key = (windows, dtype, table.device, table.data_ptr(), table._version, index.data_ptr(), index._version,
+                   None if mask is None else (mask.data_ptr(), mask._version, mask.shape))
+            if self._bias_cache is not None and self._bias_cache[0] == key:
+                return self._bias_cache[1]
+        bias = self.attention_bias(mask).to(dtype)
+        if bias.shape[0] > 1:  # one mask per window: materialise it over the batch (SDPA broadcasts dims of size 1)
+            count, tokens = bias.shape[0], bias.shape[-1]
+            bias = bias.expand(windows // count, count, self.num_heads, tokens, tokens)
+            bias = bias.reshape(windows, self.num_heads, tokens, tokens)
+        if cacheable:
+            self._bias_cache = (key, bias)
+        return bias
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B * nW, N, C) windows; mask: (nW, N, N) added to the logits of every batch element."""
         windows, tokens, _ = x.shape
-        qkv = self.qkv(x).reshape(windows, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        heads, dim = self.num_heads, self.head_dim
+        qkv = self.qkv(x).reshape(windows, tokens, 3, heads, dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B * nW, heads, N, d)
-        attn = (q * self.scale) @ k.transpose(-2, -1)  # the scale is applied to q before the product
-        attn = attn + self.relative_position_bias().unsqueeze(0)
-        if mask is not None:
-            num_windows = mask.shape[0]
-            attn = attn.view(windows // num_windows, num_windows, self.num_heads, tokens, tokens)
-            attn = (attn + mask.unsqueeze(1).unsqueeze(0)).view(windows, self.num_heads, tokens, tokens)
-        attn = attn.softmax(dim=-1)
-        out = (attn @ v).transpose(1, 2).reshape(windows, tokens, self.num_heads * self.head_dim)
+        if torch.is_grad_enabled() and self.relative_position_bias_table.requires_grad:
+            # autograd through the bias: fused SDPA gives no gradient for its mask, so spell it out
+            bias = self.attention_bias(mask)
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # the scale is applied to q before the product
+            count = bias.shape[0]
+            attn = (attn.view(windows // count, count, heads, tokens, tokens) + bias).view(
+                windows, heads, tokens, tokens)
+            out = softmax_flush_denormals(attn, -1) @ v
+        else:
+            attn_mask = self._inference_mask(mask, windows, q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
+        out = out.transpose(1, 2).reshape(windows, tokens, heads * dim)
         return self.proj(out)
 
 
@@ -178,12 +281,18 @@ class SwinBlock(nn.Module):
             self.register_buffer("attn_mask", shift_window_mask(height, width, window_size, shift, device="cpu"))
         else:
             self.attn_mask = None
+        if not dense:  # fixed geometry: the token gathers are non-persistent buffers (never in the state_dict)
+            height, width = (math.ceil(n / window_size) * window_size for n in self.input_resolution)
+            order, inverse = window_order(height, width, window_size, shift, device="cpu")
+            self.register_buffer("window_order_index", order, persistent=False)
+            self.register_buffer("window_order_inverse", inverse, persistent=False)
         self.norm1 = LayerNorm2d(dim, eps=1e-6)
         self.attn = WindowAttention(dim, heads, window_size, qkv_bias=qkv_bias)
         self.norm2 = LayerNorm2d(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path_or_identity(drop_path)
         self._masks = _MaskCache()
+        self._orders = _MaskCache()
 
     # ---- meta-architecture hook
     @staticmethod
@@ -217,20 +326,27 @@ class SwinBlock(nn.Module):
         return self._masks.get((height, width, device), lambda: shift_window_mask(
             height, width, self.window_size, self.shift_size, device=device))
 
+    def _window_order(self, height: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.dense:
+            return self.window_order_index, self.window_order_inverse
+        return self._orders.get((height, width, device), lambda: window_order(
+            height, width, self.window_size, self.shift_size, device=device))
+
     def mix(self, y: torch.Tensor) -> torch.Tensor:
         """Shifted-window attention on a channels-last (B, H, W, C) map (already normalised)."""
-        _, height, width, _ = y.shape
-        window, shift = self.window_size, self.shift_size
+        batch, height, width, channels = y.shape
+        window = self.window_size
         pad_bottom, pad_right = (-height) % window, (-width) % window
         if pad_bottom or pad_right:
             y = F.pad(y, (0, 0, 0, pad_right, 0, pad_bottom))
         padded_h, padded_w = height + pad_bottom, width + pad_right
-        if shift:
-            y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
-        windows = self.attn(window_partition(y, window), self._shift_mask(padded_h, padded_w, y.device))
-        y = window_reverse(windows, window, padded_h, padded_w)
-        if shift:
-            y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
+        order, inverse = self._window_order(padded_h, padded_w, y.device)
+        # roll by -shift + window_partition as one gather; window_reverse + roll back as the inverse one
+        windows = permute_tokens(y.reshape(batch, padded_h * padded_w, channels), order, inverse)
+        windows = self.attn(windows.view(-1, window * window, channels),
+                            self._shift_mask(padded_h, padded_w, y.device))
+        y = permute_tokens(windows.view(batch, padded_h * padded_w, -1), inverse, order)
+        y = y.view(batch, padded_h, padded_w, -1)
         if pad_bottom or pad_right:
             y = y[:, :height, :width]
         return y
@@ -239,10 +355,15 @@ class SwinBlock(nn.Module):
         if not self.dense and tuple(x.shape[-2:]) != self.input_resolution:
             raise ValueError(f"SwinBlock built for a {self.input_resolution[0]}x{self.input_resolution[1]} map "
                              f"(its shift mask is fixed), got {x.shape[-2]}x{x.shape[-1]}")
-        y = self.mix(self.norm1(x).permute(0, 2, 3, 1))
-        x = x + self.drop_path(scale(y, self.gamma_1).permute(0, 3, 1, 2))
-        y = self.mlp(self.norm2(x).permute(0, 2, 3, 1))
-        return x + self.drop_path(scale(y, self.gamma_2).permute(0, 3, 1, 2))
+        y = x.permute(0, 2, 3, 1)  # channels-last view; free for the output of a previous block
+        if not y.is_contiguous():
+            y = y.contiguous()
+        norm1, norm2 = self.norm1, self.norm2
+        h = self.mix(F.layer_norm(y, norm1.normalized_shape, norm1.weight, norm1.bias, norm1.eps))
+        y = residual_add(y, h, self.gamma_1, self.drop_path)
+        h = self.mlp(F.layer_norm(y, norm2.normalized_shape, norm2.weight, norm2.bias, norm2.eps))
+        y = residual_add(y, h, self.gamma_2, self.drop_path)
+        return y.permute(0, 3, 1, 2)
 
 
 # ------------------------------------------------------------------------------------------ official Swin parts

@@ -1,0 +1,168 @@
+"""The channels-last ConvNeXt block against the straightforward NCHW formulation it replaced (fast paths)."""
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+
+import stm_backbones
+from stm_backbones.layers import residual_add, scale
+from stm_backbones.models.convnext import UnifiedConvNeXtBlock, _DepthwiseConv2d, depthwise_weight_grad
+
+
+def assert_close_to_scale(actual, expected, tol=1e-5, msg=""):
+    """Float32 agreement to `tol` relative to the tensor's scale (gradients sum many terms: elements near
+    zero carry absolute rounding errors of the size of the large ones)."""
+    scale = max(1.0, float(expected.abs().max()))
+    torch.testing.assert_close(actual, expected, atol=tol * scale, rtol=tol, msg=msg)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _reference_forward(block, x):
+    """The original NCHW block: LN2d -> 1x1 conv -> dw conv -> 1x1 conv, γ, DropPath; NHWC MLP, γ, DropPath."""
+    u = x.permute(0, 2, 3, 1)
+    u = F.layer_norm(u, u.shape[-1:], block.dw_norm.weight, block.dw_norm.bias, 1e-6).permute(0, 3, 1, 2)
+    mixed = block.dw_out_proj(block.dwconv(block.dw_input_proj(u)))
+    x = x + block.drop_path(scale(mixed, block.gamma_1))
+    y = x.permute(0, 2, 3, 1)
+    y = y + block.drop_path(scale(block.pwconv2(block.act(block.pwconv1(block.pw_norm(y)))), block.gamma_2))
+    return y.permute(0, 3, 1, 2)
+
+
+def make_block(dim=32, layer_scale=0.5, drop_path=0.0):
+    block = UnifiedConvNeXtBlock(dim=dim, layer_scale_init_value=layer_scale, drop_path=drop_path)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.3)
+    return block
+
+
+@pytest.mark.parametrize("size", [(14, 14), (9, 13), (1, 5)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("layer_scale", [0.5, 0.0])
+def test_block_matches_reference_forward(size, channels_last, layer_scale):
+    block = make_block(layer_scale=layer_scale).eval()
+    x = torch.randn(2, 32, *size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = block(x)
+        torch.testing.assert_close(out, _reference_forward(block, x), atol=1e-5, rtol=1e-5)
+    assert out.shape == x.shape and out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_block_matches_reference_double_tightly():
+    block = make_block().double().eval()
+    x = torch.randn(2, 32, 10, 7, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), _reference_forward(block, x), atol=1e-12, rtol=1e-12)
+
+
+def test_gradients_match_reference():
+    block = make_block().train()
+    x = torch.randn(2, 32, 9, 11, requires_grad=True)
+    grad = torch.randn(2, 32, 9, 11)
+    block(x).backward(grad)
+    fast = [x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
+    x.grad = None
+    block.zero_grad()
+    _reference_forward(block, x).backward(grad)
+    slow = [x.grad] + [p.grad for p in block.parameters()]
+    for (name, _), a, b in zip([("x", None), *block.named_parameters()], fast, slow):
+        assert_close_to_scale(a, b, msg=name)
+
+
+def test_drop_path_draws_the_same_samples():
+    block = make_block(drop_path=0.5).train()
+    assert isinstance(block.drop_path, DropPath)
+    x = torch.randn(8, 32, 7, 7)
+    torch.manual_seed(1)
+    out = block(x)
+    torch.manual_seed(1)
+    expected = _reference_forward(block, x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out, block(x))  # a fresh draw differs
+
+
+def test_residual_add_helper_matches_unfused_formula():
+    x, y, gamma = torch.randn(4, 3, 3, 8), torch.randn(4, 3, 3, 8), torch.randn(8)
+    for module in (torch.nn.Identity(), DropPath(0.3).train(), DropPath(0.3).eval(), DropPath(0.0).train()):
+        for g in (gamma, None):
+            torch.manual_seed(5)
+            expected = x + module(scale(y, g))
+            torch.manual_seed(5)
+            torch.testing.assert_close(residual_add(x, y, g, module), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_model_matches_reference_blocks_and_dense_mode(monkeypatch):
+    """Whole models (classifier and a dense backbone at a non-square size) against the reference blocks."""
+    model = timm.create_model("unified_convnext_micro", num_classes=7).eval()
+    dense = stm_backbones.create_dense_backbone("unified_convnext_micro").eval()
+    image, dense_image = torch.randn(2, 3, 64, 64), torch.randn(1, 3, 96, 160)
+    with torch.no_grad():
+        fast, fast_maps = model(image), dense(dense_image)
+        monkeypatch.setattr(UnifiedConvNeXtBlock, "forward", _reference_forward)
+        torch.testing.assert_close(fast, model(image), atol=1e-5, rtol=1e-5)
+        for a, b in zip(fast_maps, dense(dense_image)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- depth-wise weight gradient
+@pytest.mark.parametrize("size, kernel", [((14, 14), 7), ((9, 13), 7), ((5, 3), 3), ((2, 2), 7)])
+def test_depthwise_weight_grad_matches_autograd(size, kernel):
+    x = torch.randn(3, 6, *size, dtype=torch.float64)
+    grad = torch.randn(3, 6, *size, dtype=torch.float64)
+    weight = torch.randn(6, 1, kernel, kernel, dtype=torch.float64, requires_grad=True)
+    out = F.conv2d(x, weight, None, padding=kernel // 2, groups=6)
+    expected = torch.autograd.grad(out, weight, grad)[0]
+    fast = depthwise_weight_grad(x, grad, kernel, kernel // 2)
+    torch.testing.assert_close(fast, expected, atol=1e-10, rtol=1e-10)
+    cl = depthwise_weight_grad(x.float().contiguous(memory_format=torch.channels_last),
+                               grad.float().contiguous(memory_format=torch.channels_last), kernel, kernel // 2)
+    assert cl.dtype == torch.float32
+    torch.testing.assert_close(cl.double(), expected, atol=1e-4, rtol=1e-4)
+    half = depthwise_weight_grad(x.bfloat16(), grad.bfloat16(), kernel, kernel // 2)
+    assert half.dtype == torch.float32  # the batch is summed in float32
+
+
+def test_depthwise_conv_function_gradients_and_autocast():
+    conv = torch.nn.Conv2d(8, 8, 7, padding=3, groups=8)
+    x = torch.randn(2, 8, 10, 12).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    grad = torch.randn(2, 8, 10, 12)
+    out = _DepthwiseConv2d.apply(x, conv.weight, conv.bias, 3)
+    torch.testing.assert_close(out, conv(x), atol=1e-6, rtol=1e-6)
+    fast = torch.autograd.grad(out, (x, conv.weight, conv.bias), grad)
+    slow = torch.autograd.grad(conv(x), (x, conv.weight, conv.bias), grad)
+    for a, b in zip(fast, slow):
+        assert_close_to_scale(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _DepthwiseConv2d.apply(x, conv.weight, conv.bias, 3)
+        expected = conv(x)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    fast = torch.autograd.grad(out.float(), (x, conv.weight, conv.bias), grad)
+    slow = torch.autograd.grad(expected.float(), (x, conv.weight, conv.bias), grad)
+    for a, b in zip(fast, slow):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=0.05 * float(b.abs().max()), rtol=0.02)
+
+
+def test_bf16_autocast_training_step_close_to_float32():
+    model = timm.create_model("unified_convnext_micro", num_classes=5, drop_path_rate=0.0).train()
+    image = torch.randn(2, 3, 64, 64)
+    model(image).sum().backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(image)
+    out.float().sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+    dw = "stages.2.0.dwconv.weight"
+    cosine = F.cosine_similarity(model.get_parameter(dw).grad.flatten(), reference[dw].flatten(), dim=0)
+    assert cosine > 0.98

@@ -1,0 +1,292 @@
+"""DCNv3 fast paths against the straightforward formulation written out here.
+
+The block samples the *unpadded* value map with locations in the unpadded frame (the reference pads the
+value by one pixel of zeros after value_proj and normalises by the padded size), folds the location
+transform into one GEMM with the attention logits, uses `ops.softmax_lastdim`, folds γ, accumulates the
+residual in the GEMMs and runs the MLP in row chunks. The straightforward formulation below is the
+reference's: F.pad, `ref + (grid + offsets)·scaler / (Wp, Hp)`, F.softmax, γ·branch, DropPath, residual.
+Both must agree in float32 to 1e-5 (outputs and gradients), through the compiled op and the fallback.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import stm_backbones
+from stm_backbones import ops
+from stm_backbones.models import dcn_v3
+from stm_backbones.models.dcn_v3 import DCNv3Block, DeformableAttention
+
+DIM, HEADS = 16, 2
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(params=["dispatch", "pytorch"])
+def op_backend(request):
+    """The default dispatch (the compiled op when built) and the pure-PyTorch fallback."""
+    if request.param == "dispatch":
+        yield request.param
+        return
+    saved = dict(ops._dispatch_state)
+    ops._dispatch_state.update(resolved=True, compiled=None, warned=True)
+    yield request.param
+    ops._dispatch_state.update(saved)
+
+
+@pytest.fixture
+def tiny_chunks(monkeypatch):
+    monkeypatch.setattr(ops, "MLP_CHUNK_BYTES", 1)
+    monkeypatch.setattr(ops, "_MIN_CHUNK_ROWS", 7)
+    monkeypatch.setattr(ops, "MLP_CHUNKING_BYTES", 0)
+
+
+def stage_inputs(height, width):
+    return DCNv3Block.extra_inputs(torch.empty(1, 3, 4 * height, 4 * width))[0]
+
+
+# ----------------------------------------------------------------------------------- straightforward formulation
+def straightforward_attention(attn, u, inputs):
+    """DeformableAttention.forward as the reference writes it (padded value map, padded frame)."""
+    reference_points, spatial_shapes, level_start_index = inputs[:3]
+    batch, height, width, channels = u.shape
+    queries = height * width
+    heads, points, levels = attn.num_heads, attn.points, attn.levels
+    branch = attn.dw_conv(u.permute(0, 3, 1, 2)).reshape(batch, queries, channels)
+    offsets = attn.sampling_offsets(branch).view(batch, queries, heads, levels, points, 2)
+    weights = attn.attention_weights(branch).view(batch, queries, heads, levels * points)
+    weights = weights.softmax(-1).view(batch, queries, heads, levels, points)
+    value = attn.value_proj(u)
+    pad = attn.pad
+    value = F.pad(value, (0, 0, pad, pad, pad, pad))
+    padded = (height + 2 * pad, width + 2 * pad)
+    value = value.reshape(batch, padded[0] * padded[1], heads, attn.head_dim)
+    normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
+    locations = (reference_points[:, :, None, :, None, :]
+                 + (attn.grid + offsets) * attn.offsets_scaler / normalizer[None, None, None, :, None, :])
+    out = ops.ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, attn.im2col_step,
+                             static_shapes=[padded])
+    return attn.output_proj(out).view(batch, height, width, channels)
+
+
+def straightforward_block(block, inputs):
+    x, extra = inputs
+    y = x.permute(0, 2, 3, 1)
+
+    def scale(t, gamma):
+        return t if gamma is None else gamma * t
+
+    y = y + block.drop_path(scale(straightforward_attention(block.attn, block.norm1(y), extra), block.gamma1))
+    y = y + block.drop_path(scale(block.mlp(block.norm2(y)), block.gamma2))
+    return y.permute(0, 3, 1, 2), extra
+
+
+def randomise(module, offset_std=1.5, std=0.3):
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.normal_(0, offset_std if "sampling_offsets" in name else std)
+    return module
+
+
+def make_block(drop_path=0.0, layer_scale=0.5, dtype=torch.float32):
+    block = DCNv3Block(dim=DIM, num_heads=(HEADS,), layer_scale_init_value=layer_scale, drop_path=drop_path)
+    return randomise(block).to(dtype)
+
+
+def grads_of(module, x, fn):
+    x = x.detach().clone().requires_grad_()
+    out = fn(module, x)
+    out.square().sum().backward()
+    grads = {"input": x.grad, **{n: p.grad.clone() for n, p in module.named_parameters()}}
+    module.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+def assert_grads_close(got, want, rtol=1e-5):
+    assert got.keys() == want.keys()
+    for name in want:
+        scale = want[name].abs().max().clamp_min(1e-12)
+        torch.testing.assert_close(got[name] / scale, want[name] / scale, rtol=rtol, atol=rtol, msg=name)
+
+
+# ----------------------------------------------------------------------------------- attention
+@pytest.mark.parametrize("size", [(5, 7), (8, 3), (14, 14), (1, 6)])
+def test_attention_matches_padded_formulation(op_backend, size):
+    """Large offsets: many samples fall in the padding ring or outside the map (zeros either way)."""
+    attn = randomise(DeformableAttention(DIM, HEADS))
+    u = torch.randn(2, *size, DIM)
+    extra = stage_inputs(*size)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(u, extra), straightforward_attention(attn, u, extra), **TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_attention_gradients(op_backend, dtype):
+    attn = randomise(DeformableAttention(DIM, HEADS)).to(dtype)
+    u = torch.randn(2, 6, 9, DIM, dtype=dtype)
+    extra = stage_inputs(6, 9)
+    out, grads = grads_of(attn, u, lambda m, t: m(t, extra))
+    want_out, want = grads_of(attn, u, lambda m, t: straightforward_attention(m, t, extra))
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(out, want_out, rtol=tol, atol=tol)
+    assert_grads_close(grads, want, rtol=tol)
+
+
+def test_attention_other_points_and_scaler(op_backend):
+    """25 points (pad 2), per-head dilation rates and an offsets scaler other than 1."""
+    attn = randomise(DeformableAttention(DIM, HEADS, points=25, dilation_rates=(1, 2), offsets_scaler=0.7))
+    u = torch.randn(2, 6, 5, DIM)
+    extra = DCNv3Block.extra_inputs(torch.empty(1, 3, 24, 20), deform_points=25)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(attn(u, extra), straightforward_attention(attn, u, extra), **TOL)
+
+
+def test_attention_without_deform_padding(op_backend):
+    attn = randomise(DeformableAttention(DIM, HEADS, deform_padding=False))
+    u = torch.randn(2, 5, 7, DIM)
+    extra = DCNv3Block.extra_inputs(torch.empty(1, 3, 20, 28), deform_padding=False)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(attn(u, extra), straightforward_attention(attn, u, extra), **TOL)
+
+
+def test_attention_bfloat16_autocast_same_function():
+    attn = randomise(DeformableAttention(DIM, HEADS), offset_std=0.3)
+    u = torch.randn(2, 6, 9, DIM)
+    extra = stage_inputs(6, 9)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, want = attn(u, extra), straightforward_attention(attn, u, extra)
+    torch.testing.assert_close(out.float(), want.float(), rtol=0, atol=3e-2 * want.abs().max().item())
+
+
+# ----------------------------------------------------------------------------------- block
+@pytest.mark.parametrize("chunked", [False, True])
+def test_block_eval_and_gradients(op_backend, chunked, request):
+    if chunked:
+        request.getfixturevalue("tiny_chunks")
+    block = make_block()
+    x = torch.randn(2, DIM, 6, 9)
+    extra = stage_inputs(6, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(block.eval()((x, extra))[0], straightforward_block(block, (x, extra))[0], **TOL)
+    block.train()
+    out, grads = grads_of(block, x, lambda m, t: m((t, extra))[0])
+    want_out, want = grads_of(block, x, lambda m, t: straightforward_block(m, (t, extra))[0])
+    torch.testing.assert_close(out, want_out, **TOL)
+    assert_grads_close(grads, want)
+
+
+@pytest.mark.parametrize("layer_scale", [0.5, 0.0])
+def test_block_drop_path_draws_and_gradients_match(layer_scale):
+    block = make_block(drop_path=0.5, layer_scale=layer_scale).train()
+    x = torch.randn(8, DIM, 4, 5)
+    extra = stage_inputs(4, 5)
+    torch.manual_seed(5)
+    out, grads = grads_of(block, x, lambda m, t: m((t, extra))[0])
+    torch.manual_seed(5)
+    want_out, want = grads_of(block, x, lambda m, t: straightforward_block(m, (t, extra))[0])
+    torch.testing.assert_close(out, want_out, **TOL)
+    assert_grads_close(grads, want)
+
+
+def test_block_float64(tiny_chunks):
+    block = make_block(dtype=torch.float64).train()
+    x = torch.randn(2, DIM, 6, 9, dtype=torch.float64)
+    extra = stage_inputs(6, 9)
+    out, grads = grads_of(block, x, lambda m, t: m((t, extra))[0])
+    want_out, want = grads_of(block, x, lambda m, t: straightforward_block(m, (t, extra))[0])
+    torch.testing.assert_close(out, want_out, rtol=1e-10, atol=1e-10)
+    assert_grads_close(grads, want, rtol=1e-9)
+
+
+# ----------------------------------------------------------------------------------- models
+def _straightforward(monkeypatch):
+    monkeypatch.setattr(DCNv3Block, "forward", straightforward_block)
+
+
+def test_classifier_logits_and_gradients(monkeypatch):
+    model = stm_backbones.create_model("unified_dcn_v3_micro", num_classes=10, layer_scale_init_value=0.5)
+    randomise(model, offset_std=0.05, std=0.05)
+    image = torch.randn(2, 3, 64, 96)
+    # eval first (training steps update the BatchNorm statistics); gradients in eval mode: behind a
+    # train-mode BatchNorm (conv_head) the head-side gradients are small differences of large numbers,
+    # float32 noise of ~1e-4 for any change of summation order
+    model.eval()
+    with torch.no_grad():
+        fast = model(image)
+    fast_grads = grads_of(model, image, lambda m, t: m(t))[1]
+    with monkeypatch.context() as patch:
+        _straightforward(patch)
+        with torch.no_grad():
+            want = model(image)
+        want_grads = grads_of(model, image, lambda m, t: m(t))[1]
+        want_train = model.train()(image)
+    fast_train = model(image)
+    torch.testing.assert_close(fast, want, **TOL)
+    torch.testing.assert_close(fast_train, want_train, **TOL)
+    assert_grads_close(fast_grads, want_grads)
+
+
+def test_dense_backbone_non_square(monkeypatch):
+    dense = stm_backbones.create_dense_backbone("unified_dcn_v3_micro", layer_scale_init_value=0.5).eval()
+    randomise(dense, offset_std=0.05, std=0.05)
+    image = torch.randn(1, 3, 96, 160)
+    with torch.no_grad():
+        fast = dense(image)
+        with monkeypatch.context() as patch:
+            _straightforward(patch)
+            want = dense(image)
+    for got, ref in zip(fast, want):
+        torch.testing.assert_close(got, ref, **TOL)
+
+
+# ----------------------------------------------------------------------------------- helpers and caches
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_softmax_lastdim(dtype):
+    x = (torch.randn(3, 5, 4, 9) * 4).to(dtype).requires_grad_()
+    y = ops.softmax_lastdim(x)
+    want_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert y.dtype == want_dtype
+    ref_x = x.detach().to(want_dtype).requires_grad_()
+    ref = F.softmax(ref_x, -1)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
+    g = torch.randn_like(ref)
+    (gx,) = torch.autograd.grad(y, x, g)
+    (want,) = torch.autograd.grad(ref, ref_x, g)
+    assert gx.dtype == dtype
+    torch.testing.assert_close(gx.to(want_dtype), want, rtol=tol, atol=tol if dtype != torch.bfloat16 else 1e-2)
+    with torch.no_grad():
+        torch.testing.assert_close(ops.softmax_lastdim(x), ref.detach(), rtol=tol, atol=tol)
+
+
+def test_extra_inputs_cached_per_image_size():
+    first = DCNv3Block.extra_inputs(torch.empty(2, 3, 64, 96))
+    again = DCNv3Block.extra_inputs(torch.empty(1, 3, 64, 96))
+    other = DCNv3Block.extra_inputs(torch.empty(1, 3, 96, 64))
+    assert all(a[0] is b[0] and a[1] is b[1] for a, b in zip(first, again))
+    assert first[0][3] == (16, 24) and other[0][3] == (24, 16)
+    assert first is not again  # a fresh list each call: the caller may not mutate the cache through it
+    for i in range(40):  # bounded: detection feeds many sizes
+        DCNv3Block.extra_inputs(torch.empty(1, 3, 32 * (i + 1), 32))
+    assert len(dcn_v3._EXTRA_INPUTS.entries) <= dcn_v3._EXTRA_INPUTS.capacity
+
+
+def test_block_compiles_fullgraph():
+    block = make_block().eval()
+    x = torch.randn(2, DIM, 6, 9)
+    extra = stage_inputs(6, 9)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled((x, extra))[0], straightforward_block(block, (x, extra))[0], **TOL)
+
+
+def test_no_graph_breaks_in_training_with_drop_path():
+    block = make_block(drop_path=0.3).train()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(block)((torch.randn(2, DIM, 6, 9), stage_inputs(6, 9)))
+    assert explained.graph_break_count == 0, explained.break_reasons

@@ -1,0 +1,206 @@
+"""The Halo fast path (Linear k|v projection, window gather with a block-sum backward, relative logits as one
+batched product, -inf additive mask, SDPA / baddbmm) against the straightforward formulation it replaced."""
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+
+import stm_backbones
+from stm_backbones.models.halo import HaloAttn, UnifiedHaloBlock, _halo_windows_reference, halo_windows
+
+BS, HALO, WIN = 7, 3, 13
+
+
+def assert_close_to_scale(actual, expected, tol=1e-5, msg=""):
+    """Float32 agreement to `tol` relative to the tensor's scale (gradients sum many terms: elements near
+    zero carry absolute rounding errors of the size of the large ones)."""
+    scale = max(1.0, float(expected.abs().max()))
+    torch.testing.assert_close(actual, expected, atol=tol * scale, rtol=tol, msg=msg)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# ----------------------------------------------------------------------------------- the original formulation
+def _reference_attn(attn: HaloAttn, x):
+    """HaloAttn.forward as it was: 1x1 conv for k|v, F.pad + unfold, q·kᵀ·scale + pos_embed(q), masked_fill."""
+    batch, height, width, _ = x.shape
+    bs, halo, win, heads = attn.block_size, attn.halo_size, attn.win_size, attn.num_heads
+    d_qk, d_v = attn.dim_head_qk, attn.dim_head_v
+    if attn.dense:
+        x = F.pad(x, (0, 0, 0, (-width) % bs, 0, (-height) % bs))
+    padded_h, padded_w = x.shape[1], x.shape[2]
+    n_h, n_w = padded_h // bs, padded_w // bs
+    q = attn.q(x).reshape(batch, n_h, bs, n_w, bs, heads, d_qk)
+    q = q.permute(0, 5, 1, 3, 2, 4, 6).reshape(batch, heads, n_h * n_w, bs * bs, d_qk)
+    kv = attn.kv(x.permute(0, 3, 1, 2))
+    kv = F.pad(kv, (halo, halo, halo, halo)).unfold(2, win, bs).unfold(3, win, bs)
+    kv = kv.reshape(batch, heads, d_qk + d_v, n_h * n_w, win * win).permute(0, 1, 3, 4, 2)
+    k, v = kv.split([d_qk, d_v], dim=-1)
+    logits = (q * attn.scale) @ k.transpose(-1, -2) + attn.pos_embed(q)
+    mask = attn.halo_mask(padded_h, padded_w, x.device)
+    out = logits.masked_fill(mask, -torch.finfo(logits.dtype).max).softmax(dim=-1) @ v
+    out = out.reshape(batch, heads, n_h, n_w, bs, bs, d_v).permute(0, 2, 4, 3, 5, 1, 6)
+    out = out.reshape(batch, padded_h, padded_w, heads * d_v)[:, :height, :width]
+    return attn.proj(out)
+
+
+def _reference_block(block: UnifiedHaloBlock, x):
+    gamma_1 = 1.0 if block.gamma_1 is None else block.gamma_1
+    gamma_2 = 1.0 if block.gamma_2 is None else block.gamma_2
+    x = x + block.drop_path(gamma_1 * _reference_attn(block.attn, block.norm1(x)))
+    return x + block.drop_path(gamma_2 * block.mlp(block.norm2(x)))
+
+
+def randomise(module, table_std=0.5):
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.normal_(0, table_std if "_rel" in name else 0.3)
+    return module
+
+
+def make_block(dim=16, heads=2, dense=False, drop_path=0.0, dtype=torch.float32):
+    block = UnifiedHaloBlock(dim=dim, stage=0, num_heads=(heads,), layer_scale_init_value=0.5, dense=dense,
+                             drop_path=drop_path)
+    return randomise(block).to(dtype)
+
+
+CASES = [  # (dense, size, dim, heads)
+    (False, (14, 21), 16, 2), (False, (7, 7), 64, 2), (False, (21, 14), 8, 1), (False, (28, 28), 16, 2),
+    (True, (10, 12), 16, 2), (True, (3, 16), 16, 2), (True, (14, 8), 16, 2), (True, (9, 23), 24, 3),
+]
+
+
+# ----------------------------------------------------------------------------------- forward and gradients
+@pytest.mark.parametrize("dense, size, dim, heads", CASES)
+def test_inference_matches_reference(dense, size, dim, heads):
+    block = make_block(dim, heads, dense).eval()
+    x = torch.randn(2, *size, dim)
+    with torch.no_grad():
+        out = block(x)
+        torch.testing.assert_close(out, _reference_block(block, x), atol=1e-5, rtol=1e-5)
+    assert out.shape == x.shape
+
+
+@pytest.mark.parametrize("dense, size, dim, heads", CASES)
+def test_training_path_and_gradients_match_reference(dense, size, dim, heads):
+    block = make_block(dim, heads, dense).train()
+    x = torch.randn(2, *size, dim, requires_grad=True)
+    grad = torch.randn(2, *size, dim)
+    out = block(x)
+    out.backward(grad)
+    fast = {"x": x.grad.clone(), **{n: p.grad.clone() for n, p in block.named_parameters()}}
+    x.grad = None
+    block.zero_grad()
+    expected = _reference_block(block, x)
+    expected.backward(grad)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    slow = {"x": x.grad, **{n: p.grad for n, p in block.named_parameters()}}
+    assert fast.keys() == slow.keys()
+    for name in fast:
+        assert_close_to_scale(fast[name], slow[name], msg=name)
+
+
+def test_double_precision_matches_reference_tightly():
+    for training in (False, True):
+        block = make_block(dense=True, dtype=torch.float64).train(training)
+        x = torch.randn(2, 10, 12, 16, dtype=torch.float64)
+        with torch.set_grad_enabled(training):
+            torch.testing.assert_close(block(x), _reference_block(block, x), atol=1e-12, rtol=1e-12)
+
+
+def test_outside_keys_get_no_weight_with_huge_logits_in_both_paths():
+    """-inf in the additive mask gives outside keys exactly the zero weight of the -finfo.max fill."""
+    attn = randomise(HaloAttn(16, 2), table_std=3000.0).double()
+    x = torch.randn(1, 7, 7, 16, dtype=torch.float64)
+    expected = _reference_attn(attn, x)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), expected, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(attn(x), expected, atol=1e-10, rtol=1e-10)  # autograd (baddbmm) path
+
+
+def test_drop_path_draws_the_same_samples():
+    block = make_block(drop_path=0.5).train()
+    assert isinstance(block.drop_path, DropPath)
+    x = torch.randn(6, 14, 14, 16)
+    torch.manual_seed(3)
+    out = block(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(out, _reference_block(block, x), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- pieces
+@pytest.mark.parametrize("size, block_size, halo", [((14, 21), 7, 3), ((8, 12), 4, 3), ((6, 6), 3, 1)])
+def test_halo_windows_and_their_gradient(size, block_size, halo):
+    kv = torch.randn(2, *size, 3, 5, dtype=torch.float64, requires_grad=True)
+    k, v = halo_windows(kv, block_size, halo, 2)
+    k_ref, v_ref = _halo_windows_reference(kv, block_size, halo, 2)
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref) and k.is_contiguous() and v.is_contiguous()
+    gk, gv = torch.randn_like(k), torch.randn_like(v)
+    expected = torch.autograd.grad((k_ref * gk).sum() + (v_ref * gv).sum(), kv)[0]
+    torch.testing.assert_close(torch.autograd.grad((k * gk).sum() + (v * gv).sum(), kv)[0], expected)
+    torch.testing.assert_close(torch.autograd.grad((k * gk).sum(), kv)[0],
+                               torch.autograd.grad((k_ref * gk).sum(), kv)[0])  # only one output used
+    torch.autograd.gradcheck(lambda t: halo_windows(t, block_size, halo, 2), (kv,), fast_mode=True)
+
+
+def test_position_tables_give_the_relative_logits():
+    attn = randomise(HaloAttn(16, 2)).double()
+    q = torch.randn(2, 2, 6, BS * BS, 8, dtype=torch.float64)
+    tables = attn.pos_embed.position_tables()  # (bs², d, win²)
+    assert tables.shape == (BS * BS, 8, WIN * WIN)
+    fast = torch.einsum("bhnpd,pdk->bhnpk", q, tables)
+    torch.testing.assert_close(fast, attn.pos_embed(q), atol=1e-12, rtol=1e-12)
+
+
+def test_additive_mask_is_cached_off_the_state_dict():
+    attn = HaloAttn(16, 2)
+    mask = attn.additive_key_mask(14, 21, torch.device("cpu"), torch.float32)
+    assert mask.shape == (6, WIN * WIN) and mask.dtype == torch.float32
+    assert torch.equal(torch.isinf(mask), attn.halo_mask(14, 21, torch.device("cpu"))[0, :, 0])
+    assert set(mask.unique().tolist()) == {0.0, float("-inf")}
+    assert not any("mask" in k for k in attn.state_dict())
+    assert not any("mask" in n for n, _ in attn.named_buffers())
+
+
+def test_fvcore_trace_sees_the_reference_ops():
+    """Traced graphs (fvcore FLOP counts, export) take the reference formulation: no custom autograd ops."""
+    block = make_block().eval()
+    x = torch.randn(1, 14, 14, 16)
+    with torch.no_grad():
+        traced = torch.jit.trace(block, (x,), check_trace=False)
+        torch.testing.assert_close(traced(x), block(x), atol=1e-5, rtol=1e-5)
+    kinds = {node.kind() for node in traced.inlined_graph.nodes()}
+    assert "prim::PythonOp" not in kinds and "aten::scaled_dot_product_attention" in kinds
+
+
+# ----------------------------------------------------------------------------------- models
+def test_model_matches_reference_blocks(monkeypatch):
+    model = timm.create_model("unified_halo_micro", num_classes=7).eval()
+    dense = stm_backbones.create_dense_backbone("unified_halo_micro").eval()
+    image, dense_image = torch.randn(2, 3, 224, 224), torch.randn(1, 3, 96, 160)
+    with torch.no_grad():
+        fast, fast_maps = model(image), dense(dense_image)
+        monkeypatch.setattr(UnifiedHaloBlock, "forward", _reference_block)
+        torch.testing.assert_close(fast, model(image), atol=1e-4, rtol=1e-4)
+        for a, b in zip(fast_maps, dense(dense_image)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_autocast_runs_both_paths_close_to_float32():
+    model = stm_backbones.create_dense_backbone("unified_halo_micro").eval()
+    image = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        reference = torch.cat([m.flatten() for m in model(image)])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inference = torch.cat([m.float().flatten() for m in model(image)])
+    torch.testing.assert_close(inference, reference, atol=0.15, rtol=0.1)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sum(m.float().sum() for m in model(image))
+    out.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,237 @@
+"""The Swin fast path (token gathers, one additive bias+mask, SDPA, fused residuals) against the straightforward
+formulation it replaced: roll + window_partition, q·kᵀ + bias + mask, softmax, window_reverse + roll."""
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+
+import stm_backbones
+from stm_backbones.models.swin import (
+    SwinBlock,
+    WindowAttention,
+    permute_tokens,
+    shift_window_mask,
+    softmax_flush_denormals,
+    window_order,
+    window_partition,
+    window_reverse,
+)
+
+DIM, HEADS = 16, 2
+
+
+def assert_close_to_scale(actual, expected, tol=1e-5, msg=""):
+    """Float32 agreement to `tol` relative to the tensor's scale (gradients sum many terms: elements near
+    zero carry absolute rounding errors of the size of the large ones)."""
+    scale = max(1.0, float(expected.abs().max()))
+    torch.testing.assert_close(actual, expected, atol=tol * scale, rtol=tol, msg=msg)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# ----------------------------------------------------------------------------------- the original formulation
+def _reference_attention(attn: WindowAttention, x, mask):
+    windows, tokens, _ = x.shape
+    qkv = attn.qkv(x).reshape(windows, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    logits = logits + attn.relative_position_bias().unsqueeze(0)
+    if mask is not None:
+        count = mask.shape[0]
+        logits = logits.view(windows // count, count, attn.num_heads, tokens, tokens)
+        logits = (logits + mask.unsqueeze(1).unsqueeze(0)).view(windows, attn.num_heads, tokens, tokens)
+    out = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(windows, tokens, -1)
+    return attn.proj(out)
+
+
+def _reference_forward(block: SwinBlock, x):
+    """SwinBlock.forward as it was: NCHW LN2d, pad, roll, partition, attention, reverse, roll back, crop."""
+    def norm(module, t):
+        return F.layer_norm(t.permute(0, 2, 3, 1), t.shape[1:2], module.weight, module.bias, module.eps)
+
+    y = norm(block.norm1, x)
+    height, width = y.shape[1:3]
+    window, shift = block.window_size, block.shift_size
+    pad_bottom, pad_right = (-height) % window, (-width) % window
+    y = F.pad(y, (0, 0, 0, pad_right, 0, pad_bottom))
+    padded_h, padded_w = y.shape[1:3]
+    mask = None
+    if shift:
+        mask = block.attn_mask if not block.dense else shift_window_mask(padded_h, padded_w, window, shift)
+        y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
+    y = window_reverse(_reference_attention(block.attn, window_partition(y, window), mask), window, padded_h, padded_w)
+    if shift:
+        y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
+    y = y[:, :height, :width]
+    gamma_1 = 1.0 if block.gamma_1 is None else block.gamma_1
+    gamma_2 = 1.0 if block.gamma_2 is None else block.gamma_2
+    x = x + block.drop_path((gamma_1 * y).permute(0, 3, 1, 2))
+    z = block.mlp(norm(block.norm2, x))
+    return x + block.drop_path((gamma_2 * z).permute(0, 3, 1, 2))
+
+
+def make_block(resolution, depth, dense=False, drop_path=0.0, dtype=torch.float32):
+    block = SwinBlock(dim=DIM, stage=0, depth=depth, input_resolution=resolution, num_heads=(HEADS,),
+                      layer_scale_init_value=0.5, dense=dense, drop_path=drop_path).to(dtype)
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            p.normal_(0, 1.0 if "relative_position_bias_table" in name else 0.3)
+    return block
+
+
+CASES = [  # (resolution, depth, dense, input size)
+    ((14, 14), 1, False, (14, 14)), ((14, 21), 1, False, (14, 21)), ((14, 14), 0, False, (14, 14)),
+    ((7, 7), 1, False, (7, 7)), ((4, 4), 1, False, (4, 4)), ((16, 16), 1, False, (16, 16)),
+    ((56, 56), 1, True, (10, 12)), ((56, 56), 1, True, (5, 9)), ((56, 56), 0, True, (10, 12)),
+    ((56, 56), 3, True, (3, 16)), ((56, 56), 1, True, (14, 21)),
+]
+
+
+# ----------------------------------------------------------------------------------- forward and gradients
+@pytest.mark.parametrize("resolution, depth, dense, size", CASES)
+def test_inference_matches_reference(resolution, depth, dense, size):
+    block = make_block(resolution, depth, dense).eval()
+    x = torch.randn(2, DIM, *size)
+    with torch.no_grad():
+        out = block(x)
+        torch.testing.assert_close(out, _reference_forward(block, x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(block(x), out, atol=0, rtol=0)  # second call: cached bias/mask, same result
+    assert out.shape == x.shape
+
+
+@pytest.mark.parametrize("resolution, depth, dense, size", CASES)
+def test_training_path_and_gradients_match_reference(resolution, depth, dense, size):
+    block = make_block(resolution, depth, dense).train()
+    x = torch.randn(2, DIM, *size, requires_grad=True)
+    grad = torch.randn(2, DIM, *size)
+    out = block(x)
+    out.backward(grad)
+    fast = {"x": x.grad.clone(), **{n: p.grad.clone() for n, p in block.named_parameters()}}
+    x.grad = None
+    block.zero_grad()
+    expected = _reference_forward(block, x)
+    expected.backward(grad)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    slow = {"x": x.grad, **{n: p.grad for n, p in block.named_parameters()}}
+    assert fast.keys() == slow.keys()
+    for name in fast:
+        assert_close_to_scale(fast[name], slow[name], msg=name)
+
+
+def test_double_precision_matches_reference_tightly():
+    for training in (False, True):
+        block = make_block((14, 21), 1, dtype=torch.float64).train(training)
+        x = torch.randn(2, DIM, 14, 21, dtype=torch.float64)
+        with torch.set_grad_enabled(training):
+            torch.testing.assert_close(block(x), _reference_forward(block, x), atol=1e-12, rtol=1e-12)
+
+
+def test_drop_path_draws_the_same_samples():
+    block = make_block((14, 14), 1, drop_path=0.5).train()
+    assert isinstance(block.drop_path, DropPath)
+    x = torch.randn(6, DIM, 14, 14)
+    torch.manual_seed(3)
+    out = block(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(out, _reference_forward(block, x), atol=1e-5, rtol=1e-5)
+
+
+def test_channels_last_output_and_input_layouts():
+    block = make_block((14, 14), 1).eval()
+    x = torch.randn(2, DIM, 14, 14)
+    with torch.no_grad():
+        out = block(x)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(block(x.contiguous(memory_format=torch.channels_last)), out, atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------------- caches and buffers
+def test_cached_bias_follows_table_updates_and_state_dict_is_unchanged():
+    block = make_block((14, 14), 1).eval()
+    assert sorted(block.state_dict()) == sorted([
+        "gamma_1", "gamma_2", "attn_mask", "norm1.weight", "norm1.bias", "attn.relative_position_bias_table",
+        "attn.relative_position_index", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+        "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"])
+    x = torch.randn(2, DIM, 14, 14)
+    with torch.no_grad():
+        before = block(x)
+        block.attn.relative_position_bias_table.mul_(-1.0)  # in place: the cache must notice
+        after = block(x)
+        torch.testing.assert_close(after, _reference_forward(block, x), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(before, after)
+        state = {k: v.clone() for k, v in block.state_dict().items()}
+        state["attn.relative_position_bias_table"].normal_()
+        block.load_state_dict(state)
+        torch.testing.assert_close(block(x), _reference_forward(block, x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(block(x.double().float()), block(x))
+    assert not any("cache" in name for name, _ in block.named_buffers())
+
+
+def test_window_order_is_roll_plus_partition():
+    for height, width, window, shift in ((14, 21, 7, 3), (14, 14, 7, 0), (8, 8, 4, 2)):
+        y = torch.randn(2, height, width, 5)
+        order, inverse = window_order(height, width, window, shift)
+        windows = permute_tokens(y.reshape(2, -1, 5), order, inverse).view(-1, window * window, 5)
+        expected = window_partition(torch.roll(y, (-shift, -shift), (1, 2)), window)
+        assert torch.equal(windows, expected)
+        back = permute_tokens(windows.reshape(2, -1, 5), inverse, order).view(2, height, width, 5)
+        assert torch.equal(back, y)
+        assert torch.equal(torch.roll(window_reverse(expected, window, height, width), (shift, shift), (1, 2)), y)
+
+
+def test_permute_tokens_gradient_is_the_inverse_gather():
+    order, inverse = window_order(14, 14, 7, 3)
+    x = torch.randn(2, 196, 3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda t: permute_tokens(t, order, inverse), (x,))
+
+
+def test_softmax_flush_denormals():
+    logits = torch.tensor([[0.0, -100.0, 1.0, -200.0]], requires_grad=True)
+    probs = softmax_flush_denormals(logits)
+    assert probs[0, 1] == 0 and probs[0, 3] == 0  # e^-100 ≈ 4e-44 is a float32 denormal
+    torch.testing.assert_close(probs, logits.softmax(-1), atol=1e-40, rtol=0)
+    grad = torch.randn(1, 4)
+    probs.backward(grad)
+    expected = torch.autograd.grad(logits.softmax(-1), logits, grad)[0]
+    torch.testing.assert_close(logits.grad, expected, atol=1e-7, rtol=1e-6)
+    double = logits.detach().double()
+    assert torch.equal(softmax_flush_denormals(double), double.softmax(-1))  # e^-100 is normal in float64
+
+
+# ----------------------------------------------------------------------------------- models
+def _with_reference_blocks(monkeypatch):
+    monkeypatch.setattr(SwinBlock, "forward", _reference_forward)
+
+
+@pytest.mark.parametrize("name", ["unified_swin_micro", "official_swin_tiny"])
+def test_model_matches_reference_blocks(name, monkeypatch):
+    kwargs = dict(num_classes=7, depths=(2, 2, 2, 2)) if name == "official_swin_tiny" else dict(num_classes=7)
+    model = timm.create_model(name, **kwargs).eval()
+    dense = stm_backbones.create_dense_backbone("unified_swin_micro").eval()
+    image, dense_image = torch.randn(2, 3, 224, 224), torch.randn(1, 3, 96, 160)
+    with torch.no_grad():
+        fast, fast_maps = model(image), dense(dense_image)
+        _with_reference_blocks(monkeypatch)
+        torch.testing.assert_close(fast, model(image), atol=1e-4, rtol=1e-4)
+        for a, b in zip(fast_maps, dense(dense_image)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_autocast_runs_both_paths_close_to_float32():
+    model = timm.create_model("unified_swin_micro", num_classes=5, img_size=64).eval()
+    image = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        reference = model(image)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inference = model(image)
+    torch.testing.assert_close(inference.float(), reference, atol=0.15, rtol=0.1)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(image)
+    out.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
