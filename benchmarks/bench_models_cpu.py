@@ -3,7 +3,7 @@
 For each model (and resnet50, the yardstick): eval forward (`no_grad`, `eval()`) and one training
 step (forward + backward of `out.sum()`, `train()`), batch 8, 224 px, 2 threads, best of 3 after a
 warm-up; in three columns: eager float32, `torch.compile`, bf16 autocast. Peak memory of the
-training step is the peak RSS increase of a fresh process over one eager step.
+training step is the peak resident-memory increase of a fresh process over one eager step.
 
 All timings come from this one process (the yardstick is timed in the same run, so ratios survive a
 noisy shared machine); only the peak-memory reading uses a fresh child process per model.
@@ -86,23 +86,83 @@ def time_model(name: str, mode: str, batch: int, size: int, repeats: int) -> dic
     return dict(model=name, mode=mode, eval_s=best_of(eval_forward), train_s=best_of(train_step))
 
 
+def forward_gmacs(name: str, size: int) -> float:
+    """fvcore's count (multiply-adds) of one 1-image eval forward, in G: the work a step must do."""
+    import torch
+
+    from stm_backbones.summary import count_flops
+
+    torch.manual_seed(0)
+    return count_flops(_build(name), torch.randn(1, 3, size, size))[0] / 1e9
+
+
+def gemm_peak_gmacs(threads: int = 2) -> dict:
+    """Best-of-5 multiply-add rate of a 2048^3 matrix product (float32 and bfloat16): the machine's ceiling
+    for the GEMM-shaped work that dominates every model here."""
+    import torch
+
+    torch.set_num_threads(threads)
+    rates = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        a @ b
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+        rates[str(dtype).removeprefix("torch.")] = 2048 ** 3 / best / 1e9
+    return rates
+
+
+def profile_train_step(name: str, batch: int, size: int, rows: int = 15) -> str:
+    """torch.profiler table (top `rows` operators by self CPU time) of one eager float32 training step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    model = _build(name).train()
+    image = torch.randn(batch, 3, size, size)
+    model(image).sum().backward()  # warm-up
+    model.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(image).sum().backward()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def peak_train_memory_mib(name: str, mode: str, batch: int, size: int) -> float:
-    """Peak RSS increase of one training step, measured in a fresh child process."""
+    """Peak resident-memory increase of one training step over the resting process, in a fresh child.
+
+    Read from /proc/self/status: VmHWM (the high-water mark of this process image; unlike getrusage's
+    ru_maxrss it is not inherited from the parent across exec) after the step, minus VmRSS before it.
+    """
     code = (
-        "import resource, sys, torch\n"
+        "import sys, torch\n"
         "sys.path.insert(0, %r)\n"
         "from bench_models_cpu import _build\n"
+        "def status(key):\n"
+        "    line = next(l for l in open('/proc/self/status') if l.startswith(key + ':'))\n"
+        "    return int(line.split()[1]) / 1024\n"
         "torch.set_num_threads(2)\n"
         "model = _build(%r).train(); image = torch.randn(%d, 3, %d, %d)\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "before = status('VmRSS')\n"
         "with torch.autocast('cpu', dtype=torch.bfloat16, enabled=%r):\n"
         "    out = model(image)\n"
         "out.float().sum().backward()\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+        "print(status('VmHWM') - before)\n"
     ) % (str(Path(__file__).resolve().parent), name, batch, size, size, mode == "bf16")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="2"))
-    return float(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else float("nan")
+    if result.returncode != 0:
+        raise RuntimeError(f"peak-memory child for {name} failed: {result.stderr[-500:]}")
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def _rate_cells(row: dict) -> list[str]:
+    """fvcore multiply-adds per image and the rates reached (a training step counted as 3 forwards)."""
+    if "gmacs" not in row or "eval_s" not in row:
+        return ["-", "-"]
+    work = row["gmacs"] * row["batch"]
+    return [f"{row['gmacs']:.2f}", f"{work / row['eval_s']:.0f}, {3 * work / row['train_s']:.0f}"]
 
 
 def _table(rows: list[dict], modes: list[str]) -> str:
@@ -110,7 +170,8 @@ def _table(rows: list[dict], modes: list[str]) -> str:
     header = ["model"]
     for mode in modes:
         header += [f"eval/rn50 {mode}", f"train/rn50 {mode}"]
-    header += ["ref eval/rn50", "ref train/rn50", "eager speed-up vs ref (eval, train)", "train peak MiB (eager)"]
+    header += ["ref eval/rn50", "ref train/rn50", "eager speed-up vs ref (eval, train)", "train peak MiB (eager)",
+               "GMAC/img", "eager GMAC/s (eval, train)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in [n for n in TINY_MODELS if any(k[0] == n for k in by)]:
         cells = [name]
@@ -125,10 +186,14 @@ def _table(rows: list[dict], modes: list[str]) -> str:
         if ref and "eval_s" in eager and "eval_s" in base:
             speedup = (ref[0] / (eager["eval_s"] / base["eval_s"]), ref[1] / (eager["train_s"] / base["train_s"]))
             cells += [f"{ref[0]:.2f}", f"{ref[1]:.2f}", f"{speedup[0]:.2f}x, {speedup[1]:.2f}x",
-                      f"{eager['train_peak_mib']:.0f}"]
+                      f"{eager.get('train_peak_mib', float('nan')):.0f}"]
         else:
             cells += ["-", "-", "-", "-"]
+        cells += _rate_cells(eager)
         lines.append("| " + " | ".join(cells) + " |")
+    yard = by.get((YARDSTICK, "eager"), {})
+    lines.append("| " + " | ".join([f"{YARDSTICK} (yardstick)"] + ["1.00", "1.00"] * len(modes) + ["-", "-", "-",
+                 f"{yard.get('train_peak_mib', float('nan')):.0f}"] + _rate_cells(yard)) + " |")
     base_cells = [f"{by[(YARDSTICK, m)]['eval_s'] * 1000:.0f} ms / {by[(YARDSTICK, m)]['train_s'] * 1000:.0f} ms"
                   for m in modes if "eval_s" in by.get((YARDSTICK, m), {})]
     lines.append("")
@@ -143,6 +208,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profiles", action=argparse.BooleanOptionalAction, default=True,
+                        help="write torch.profiler tables of each eager training step to results/profiles/")
     args = parser.parse_args()
     import torch
 
@@ -154,17 +221,27 @@ def main() -> None:
             try:
                 row = time_model(name, mode, args.batch, args.size, args.repeats)
                 if mode == "eager":
+                    row["batch"] = args.batch
+                    row["gmacs"] = forward_gmacs(name, args.size)
                     row["train_peak_mib"] = peak_train_memory_mib(name, mode, args.batch, args.size)
             except Exception as error:  # noqa: BLE001 - a failing model is reported, not fatal
                 row = dict(model=name, mode=mode, error=f"{type(error).__name__}: {error}"[:300])
             print(json.dumps(row), flush=True)
             rows.append(row)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = dict(machine=platform.processor() or platform.machine(), threads=2, batch=args.batch, size=args.size,
+    peak = gemm_peak_gmacs()
+    if args.profiles:
+        (RESULTS / "profiles").mkdir(exist_ok=True)
+        for name in [YARDSTICK, *args.models]:
+            text = profile_train_step(name, args.batch, args.size)
+            (RESULTS / "profiles" / f"{name}_train_step.txt").write_text(text)
+    meta = dict(gemm_peak_gmacs_per_s=peak, machine=platform.processor() or platform.machine(), threads=2, batch=args.batch, size=args.size,
                 repeats=args.repeats, torch=torch.__version__,
                 note="ratio = model time / resnet50 time, both timed in this one process run")
     (RESULTS / "models_cpu.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     table = _table(rows, args.modes)
+    table += ("\n\nGEMM ceiling (2048^3 matrix product, 2 threads): "
+              f"{peak['float32']:.0f} GMAC/s float32, {peak['bfloat16']:.0f} GMAC/s bfloat16.")
     (RESULTS / "models_cpu.md").write_text(table + "\n")
     print(table)
 

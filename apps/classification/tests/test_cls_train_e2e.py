@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import stm_backbones
 import torch
 from cls_test_utils import FAST_ARGS, NO_AUG_ARGS, NUM_CLASSES, read_log, write_folder_dataset
 
@@ -106,3 +107,17 @@ def test_eval_released_weights_and_finetune(cls_main, tiny_dataset, tmp_path, ca
     tuned = load_file(tmp_path / "ft" / "checkpoint-0.pth")["model"]
     assert tuned["head.weight"].shape[0] == 3
     assert "test_acc1" not in read_log(tmp_path / "ft")[0]
+
+
+def test_compile_trains_and_saves_plain_keys(cls_main, tiny_dataset, tmp_path):
+    """--compile true: the run trains through torch.compile and its checkpoints load into a plain model."""
+    out = tmp_path / "compiled"
+    argv = [*FAST_ARGS, *NO_AUG_ARGS, "--data_path", tiny_dataset, "--output_dir", out, "--epochs", "1",
+            "--compile", "true", "--model_ema", "false"]
+    assert cls_main.main(list(map(str, argv))) == 0
+    log = read_log(out)
+    assert len(log) == 1 and log[0]["train_loss"] == log[0]["train_loss"]  # finite, not NaN
+    state = load_file(out / "checkpoint-0.pth")["model"]
+    assert not any(k.startswith("_orig_mod.") or ".module." in k for k in state), list(state)[:3]
+    model = stm_backbones.create_model("unified_convnext_micro", num_classes=NUM_CLASSES)
+    model.load_state_dict(state)  # strict

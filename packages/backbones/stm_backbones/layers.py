@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
@@ -82,3 +85,25 @@ def residual_add(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor | None,
     if factor is None:
         return x + y
     return torch.addcmul(x, y, factor)
+
+
+class SizeCache:
+    """A few recently used tensors that depend only on a map/image size, keyed by (size, device, ...).
+
+    Bounded (detection sees many sizes: the cache is emptied when full) and bypassed while torch.compile
+    traces. Values are shared between callers: treat them as read-only. Never part of a state_dict.
+    """
+
+    def __init__(self, capacity: int = 16):
+        self.capacity = capacity
+        self.entries: dict[tuple, Any] = {}
+
+    def get(self, key: tuple, build: Callable[[], Any]) -> Any:
+        if torch.compiler.is_compiling():
+            return build()
+        value = self.entries.get(key)
+        if value is None:
+            if len(self.entries) >= self.capacity:
+                self.entries.clear()
+            value = self.entries[key] = build()
+        return value

@@ -16,29 +16,12 @@ from stm_backbones.models.dcn_v3 import DCNv3Block, DeformableAttention, kernel_
 DIM, HEADS, P = 8, 2, 9
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
 @pytest.fixture
 def pure_pytorch_op():
     """Force the pure-PyTorch fallback (as if stm_cuda_ops were missing), without its warning."""
     saved = dict(ops._dispatch_state)
     ops._dispatch_state.update(resolved=True, compiled=None, warned=True)
     yield
-    ops._dispatch_state.update(saved)
-
-
-@pytest.fixture(params=["dispatch", "pytorch"])
-def op_backend(request):
-    """Run a test through the default dispatch (compiled op when built) and through the fallback."""
-    if request.param == "dispatch":
-        yield request.param
-        return
-    saved = dict(ops._dispatch_state)
-    ops._dispatch_state.update(resolved=True, compiled=None, warned=True)
-    yield request.param
     ops._dispatch_state.update(saved)
 
 

@@ -4,23 +4,12 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from bb_test_utils import assert_close_to_scale
 from timm.layers import DropPath
 
 import stm_backbones
 from stm_backbones.layers import residual_add, scale
 from stm_backbones.models.convnext import UnifiedConvNeXtBlock, _DepthwiseConv2d, depthwise_weight_grad
-
-
-def assert_close_to_scale(actual, expected, tol=1e-5, msg=""):
-    """Float32 agreement to `tol` relative to the tensor's scale (gradients sum many terms: elements near
-    zero carry absolute rounding errors of the size of the large ones)."""
-    scale = max(1.0, float(expected.abs().max()))
-    torch.testing.assert_close(actual, expected, atol=tol * scale, rtol=tol, msg=msg)
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
 
 
 def _reference_forward(block, x):
@@ -63,10 +52,11 @@ def test_block_matches_reference_double_tightly():
         torch.testing.assert_close(block(x), _reference_forward(block, x), atol=1e-12, rtol=1e-12)
 
 
-def test_gradients_match_reference():
+@pytest.mark.parametrize("size", [(9, 11), (1, 1)])  # 1x1: the last stage of a 32 px classifier
+def test_gradients_match_reference(size):
     block = make_block().train()
-    x = torch.randn(2, 32, 9, 11, requires_grad=True)
-    grad = torch.randn(2, 32, 9, 11)
+    x = torch.randn(2, 32, *size, requires_grad=True)
+    grad = torch.randn(2, 32, *size)
     block(x).backward(grad)
     fast = [x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
     x.grad = None
@@ -113,7 +103,7 @@ def test_model_matches_reference_blocks_and_dense_mode(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------- depth-wise weight gradient
-@pytest.mark.parametrize("size, kernel", [((14, 14), 7), ((9, 13), 7), ((5, 3), 3), ((2, 2), 7)])
+@pytest.mark.parametrize("size, kernel", [((14, 14), 7), ((9, 13), 7), ((5, 3), 3), ((2, 2), 7), ((1, 1), 7)])
 def test_depthwise_weight_grad_matches_autograd(size, kernel):
     x = torch.randn(3, 6, *size, dtype=torch.float64)
     grad = torch.randn(3, 6, *size, dtype=torch.float64)

@@ -21,23 +21,6 @@ DIM, HEADS = 16, 2
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
-@pytest.fixture(params=["dispatch", "pytorch"])
-def op_backend(request):
-    """The default dispatch (the compiled op when built) and the pure-PyTorch fallback."""
-    if request.param == "dispatch":
-        yield request.param
-        return
-    saved = dict(ops._dispatch_state)
-    ops._dispatch_state.update(resolved=True, compiled=None, warned=True)
-    yield request.param
-    ops._dispatch_state.update(saved)
-
-
 @pytest.fixture
 def tiny_chunks(monkeypatch):
     monkeypatch.setattr(ops, "MLP_CHUNK_BYTES", 1)

@@ -5,24 +5,13 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from bb_test_utils import assert_close_to_scale
 from timm.layers import DropPath
 
 import stm_backbones
 from stm_backbones.models.halo import HaloAttn, UnifiedHaloBlock, _halo_windows_reference, halo_windows
 
 BS, HALO, WIN = 7, 3, 13
-
-
-def assert_close_to_scale(actual, expected, tol=1e-5, msg=""):
-    """Float32 agreement to `tol` relative to the tensor's scale (gradients sum many terms: elements near
-    zero carry absolute rounding errors of the size of the large ones)."""
-    scale = max(1.0, float(expected.abs().max()))
-    torch.testing.assert_close(actual, expected, atol=tol * scale, rtol=tol, msg=msg)
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
 
 
 # ----------------------------------------------------------------------------------- the original formulation

@@ -20,11 +20,6 @@ DIM, HEADS = 16, 2
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
 @pytest.fixture
 def tiny_chunks(monkeypatch):
     """Make every MLP run in several 7-row chunks (last one shorter), with and without autograd."""

@@ -11,11 +11,6 @@ from stm_backbones.models.halo import HaloAttn, UnifiedHaloBlock, make_divisible
 BS, HALO, WIN = 7, 3, 13
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
 def randomise(module, table_std=0.5):
     with torch.no_grad():
         for name, p in module.named_parameters():

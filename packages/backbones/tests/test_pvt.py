@@ -11,11 +11,6 @@ from stm_backbones.models.pvt import OverlapPatchEmbed, PvtBlock, PvtV2Block
 DIM, HEADS = 8, 2
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
 def randomise(module, std=0.3):
     with torch.no_grad():
         for p in module.parameters():

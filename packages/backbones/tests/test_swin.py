@@ -11,11 +11,6 @@ from stm_backbones.models.swin import PatchMerging, SwinBlock
 DIM, HEADS = 16, 2
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
 def make_block(resolution, depth, dense=False, layer_scale=0.5, dim=DIM, heads=HEADS):
     block = SwinBlock(dim=dim, stage=0, depth=depth, input_resolution=resolution, num_heads=(heads,),
                       layer_scale_init_value=layer_scale, dense=dense).double().eval()

@@ -21,9 +21,10 @@ def depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int,
     """
     batch, channels, height, width = x.shape
     out_h, out_w = grad.shape[-2:]
-    padded = F.pad(x.contiguous(), (padding, padding, padding, padding))
+    # .contiguous() after the pad: F.pad keeps a channels-last layout, which a 1x1 map has as well
+    padded = F.pad(x, (padding, padding, padding, padding)).contiguous()
     padded = padded.view(1, batch * channels, height + 2 * padding, width + 2 * padding)
-    kernels = grad.contiguous().view(batch * channels, 1, out_h, out_w)
+    kernels = grad.reshape(batch * channels, 1, out_h, out_w)
     weight_grad = F.conv2d(padded, kernels, groups=batch * channels)  # (1, B·C, k, k)
     total = torch.promote_types(weight_grad.dtype, torch.float32)  # sum the batch in at least float32
     return weight_grad.view(batch, channels, kernel_size, kernel_size).sum(0, dtype=total).unsqueeze(1)

@@ -31,7 +31,7 @@ from torch import nn
 
 from .. import ops
 from .._builder import build_model, study_cfg
-from ..layers import ChannelsLastLayerNorm, Mlp, drop_path_or_identity, layer_scale, scale
+from ..layers import ChannelsLastLayerNorm, Mlp, SizeCache, drop_path_or_identity, layer_scale, scale
 from ..registry import register_model
 
 IM2COL_STEP = 128
@@ -71,27 +71,8 @@ class _GridCache:
         return value
 
 
-class _SizeCache:
-    """Tensors that depend only on a map/image size: a few recently used entries keyed by (size, device, ..),
-    bounded (detection sees many sizes), bypassed while torch.compile traces. Values are shared: read-only."""
-
-    def __init__(self, capacity: int = 16):
-        self.capacity = capacity
-        self.entries: dict[tuple, Any] = {}
-
-    def get(self, key: tuple, build):
-        if torch.compiler.is_compiling():
-            return build()
-        value = self.entries.get(key)
-        if value is None:
-            if len(self.entries) >= self.capacity:
-                self.entries.clear()
-            value = self.entries[key] = build()
-        return value
-
-
-_LEVEL_TENSORS = _SizeCache()
-_EXTRA_INPUTS = _SizeCache()
+_LEVEL_TENSORS = SizeCache()
+_EXTRA_INPUTS = SizeCache()
 
 
 def _level_tensors(height: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

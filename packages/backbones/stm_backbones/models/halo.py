@@ -35,9 +35,9 @@ from timm.models import generate_default_cfgs
 from torch import nn
 
 from .._builder import build_model, study_cfg
-from ..layers import Mlp, drop_path_or_identity, layer_scale, residual_add
+from ..layers import Mlp, SizeCache, drop_path_or_identity, layer_scale, residual_add
 from ..registry import register_model
-from .swin import _MaskCache, stage_resolutions
+from .swin import stage_resolutions
 
 BLOCK_SIZE = 7
 HALO_SIZE = 3
@@ -169,8 +169,8 @@ class HaloAttn(nn.Module):
         self.q = nn.Linear(dim, num_heads * self.dim_head_qk, bias=qkv_bias)
         self.pos_embed = QueryRelatedPosEmbed(block_size, self.win_size, self.dim_head_qk)
         self.proj = nn.Linear(num_heads * self.dim_head_v, dim)
-        self._masks = _MaskCache()
-        self._additive_masks = _MaskCache()
+        self._masks = SizeCache()
+        self._additive_masks = SizeCache()
 
     def halo_mask(self, height: int, width: int, device: torch.device) -> torch.Tensor:
         return self._masks.get((height, width, device), lambda: halo_key_mask(

@@ -34,7 +34,7 @@ from timm.models import generate_default_cfgs
 from torch import nn
 
 from .._builder import build_model, study_cfg
-from ..layers import LayerNorm2d, Mlp, drop_path_or_identity, layer_scale, residual_add
+from ..layers import LayerNorm2d, Mlp, SizeCache, drop_path_or_identity, layer_scale, residual_add
 from ..registry import register_model
 
 SHIFT_MASK_VALUE = -100.0
@@ -238,24 +238,6 @@ class WindowAttention(nn.Module):
         return self.proj(out)
 
 
-class _MaskCache:
-    """A few recently used on-the-fly masks keyed by (size, device); bypassed while torch.compile traces."""
-
-    def __init__(self, capacity: int = 16):
-        self.capacity = capacity
-        self.entries: dict[tuple, torch.Tensor] = {}
-
-    def get(self, key: tuple, build):
-        if torch.compiler.is_compiling():
-            return build()
-        value = self.entries.get(key)
-        if value is None:
-            if len(self.entries) >= self.capacity:
-                self.entries.clear()
-            value = self.entries[key] = build()
-        return value
-
-
 # ------------------------------------------------------------------------------------------ block
 class SwinBlock(nn.Module):
     """NCHW in/out. (Shifted-)window attention on LN2d(x), then an MLP on LN2d(x); both with γ and DropPath."""
@@ -291,8 +273,8 @@ class SwinBlock(nn.Module):
         self.norm2 = LayerNorm2d(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path_or_identity(drop_path)
-        self._masks = _MaskCache()
-        self._orders = _MaskCache()
+        self._masks = SizeCache()
+        self._orders = SizeCache()
 
     # ---- meta-architecture hook
     @staticmethod
