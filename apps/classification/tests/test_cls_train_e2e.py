@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 
-import stm_backbones
 import torch
 from cls_test_utils import FAST_ARGS, NO_AUG_ARGS, NUM_CLASSES, read_log, write_folder_dataset
 
+import stm_backbones
 from stm_cls.checkpoint import load_file
 
 LOG_KEYS = {"train_loss", "train_lr", "train_min_lr", "train_weight_decay", "train_grad_norm", "test_acc1",
