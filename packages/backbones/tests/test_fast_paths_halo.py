@@ -9,7 +9,13 @@ from bb_test_utils import assert_close_to_scale
 from timm.layers import DropPath
 
 import stm_backbones
-from stm_backbones.models.halo import HaloAttn, UnifiedHaloBlock, _halo_windows_reference, halo_windows
+from stm_backbones.models.halo import (
+    HaloAttn,
+    UnifiedHaloBlock,
+    _halo_windows_reference,
+    halo_windows,
+    halo_windows_grad,
+)
 
 BS, HALO, WIN = 7, 3, 13
 
@@ -135,6 +141,32 @@ def test_halo_windows_and_their_gradient(size, block_size, halo):
     torch.testing.assert_close(torch.autograd.grad((k * gk).sum(), kv)[0],
                                torch.autograd.grad((k_ref * gk).sum(), kv)[0])  # only one output used
     torch.autograd.gradcheck(lambda t: halo_windows(t, block_size, halo, 2), (kv,), fast_mode=True)
+
+
+@pytest.mark.parametrize("size, block_size, halo", [((14, 21), 7, 3), ((8, 12), 4, 3), ((6, 6), 3, 1)])
+@pytest.mark.parametrize("used", ["both", "k", "v"])
+def test_functional_window_gradient_equals_in_place(size, block_size, halo, used):
+    """The torch.compile form of the window backward (padded pieces summed) equals the eager in-place one."""
+    kv = torch.randn(2, *size, 3, 5, dtype=torch.float64)
+    k, v = _halo_windows_reference(kv, block_size, halo, 2)
+    grads = (None if used == "v" else torch.randn_like(k), None if used == "k" else torch.randn_like(v))
+    in_place = halo_windows_grad(grads, kv.shape, block_size, halo, 2)
+    functional = halo_windows_grad(grads, kv.shape, block_size, halo, 2, functional=True)
+    assert functional.shape == kv.shape
+    torch.testing.assert_close(functional, in_place, rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_window_gradient_matches_eager():
+    kv = torch.randn(2, 8, 12, 3, 5, requires_grad=True)
+    gk, gv = torch.randn(2, 3, 2, 3, 10, 10, 2), torch.randn(2, 3, 2, 3, 10, 10, 3)
+
+    def loss(t):
+        k, v = halo_windows(t, 4, 3, 2)
+        return (k * gk).sum() + (v * gv).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(kv), kv)[0]
+    torch.testing.assert_close(compiled, torch.autograd.grad(loss(kv), kv)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_position_tables_give_the_relative_logits():

@@ -75,9 +75,47 @@ def _halo_windows_reference(kv: torch.Tensor, block_size: int, halo_size: int,
     return windows[..., :split].contiguous(), windows[..., split:].contiguous()
 
 
+def halo_windows_grad(grads: tuple[torch.Tensor | None, torch.Tensor | None], map_shape: torch.Size,
+                      block_size: int, halo_size: int, split: int, functional: bool = False) -> torch.Tensor:
+    """Gradient of the (B, H, W, heads, ch) map from the gradients of its k and v windows (either may be
+    None): the overlapping window gradients summed block-aligned piece by piece.
+
+    Eager adds the pieces in place into one zero buffer. `functional=True` (used under torch.compile)
+    zero-pads each piece to the full block grid and sums: Inductor fuses that into one pass, whereas the
+    in-place form becomes a full copy of the buffer per piece.
+    """
+    bs, halo = block_size, halo_size
+    batch, height, width, heads, channels = map_shape
+    n_h, n_w, win = height // bs, width // bs, bs + 2 * halo
+    pieces = [(i, min(bs, win - i * bs)) for i in range(-(-win // bs))]  # window rows [i·bs, i·bs + len)
+    extra = len(pieces) - 1
+    reference = next(g for g in grads if g is not None)
+    # gradient of the padded map, in blocks: window (i, j) piece (a, b) lands on block (i + a, j + b)
+    grid = (batch, n_h + extra, bs, n_w + extra, bs, heads)
+    parts = []
+    for grad, width_c in zip(grads, (split, channels - split)):
+        if grad is None:
+            parts.append(reference.new_zeros(*grid, width_c))
+            continue
+        grad = grad.permute(0, 2, 4, 3, 5, 1, 6)  # (B, nH, win_y, nW, win_x, heads, ·)
+        total = None if functional else reference.new_zeros(*grid, width_c)
+        for a, rows in pieces:
+            for b, cols in pieces:
+                piece = grad[:, :, a * bs:a * bs + rows, :, b * bs:b * bs + cols]
+                if functional:  # pads from the last dim backwards: (ch, heads, cols, nW, rows, nH)
+                    piece = F.pad(piece, (0, 0, 0, 0, 0, bs - cols, b, extra - b, 0, bs - rows, a, extra - a))
+                    total = piece if total is None else total + piece
+                else:
+                    total[:, a:a + n_h, :rows, b:b + n_w, :cols].add_(piece)
+        parts.append(total)
+    padded = torch.cat(parts, dim=-1) if split < channels else parts[0]
+    padded = padded.reshape(batch, (n_h + extra) * bs, (n_w + extra) * bs, heads, channels)
+    return padded[:, halo:halo + height, halo:halo + width]
+
+
 class _HaloWindows(torch.autograd.Function):
-    """`_halo_windows_reference` whose backward sums the overlapping window gradients with a few strided
-    `add_`s over block-aligned pieces of the windows (`unfold`'s backward is a slow scatter on CPU)."""
+    """`_halo_windows_reference` with `halo_windows_grad` as the backward (`unfold`'s backward is a slow
+    scatter on CPU)."""
 
     @staticmethod
     def forward(ctx, kv: torch.Tensor, block_size: int, halo_size: int, split: int):
@@ -86,24 +124,9 @@ class _HaloWindows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor | None):
-        bs, halo, split = ctx.block_size, ctx.halo_size, ctx.split
-        batch, height, width, heads, channels = ctx.map_shape
-        n_h, n_w, win = height // bs, width // bs, bs + 2 * halo
-        pieces = [(i, min(bs, win - i * bs)) for i in range(-(-win // bs))]  # window rows [i·bs, i·bs + len)
-        extra = len(pieces) - 1
-        reference = next(g for g in grads if g is not None)
-        # gradient of the padded map, in blocks: window (i, j) piece (a, b) lands on block (i + a, j + b)
-        padded = reference.new_zeros(batch, n_h + extra, bs, n_w + extra, bs, heads, channels)
-        for grad, target in zip(grads, (padded[..., :split], padded[..., split:])):
-            if grad is None:
-                continue
-            grad = grad.permute(0, 2, 4, 3, 5, 1, 6)  # (B, nH, win_y, nW, win_x, heads, ·)
-            for a, rows in pieces:
-                for b, cols in pieces:
-                    target[:, a:a + n_h, :rows, b:b + n_w, :cols].add_(
-                        grad[:, :, a * bs:a * bs + rows, :, b * bs:b * bs + cols])
-        padded = padded.view(batch, (n_h + extra) * bs, (n_w + extra) * bs, heads, channels)
-        return padded[:, halo:halo + height, halo:halo + width], None, None, None
+        grad = halo_windows_grad(grads, ctx.map_shape, ctx.block_size, ctx.halo_size, ctx.split,
+                                 functional=torch.compiler.is_compiling())
+        return grad, None, None, None
 
 
 def halo_windows(kv: torch.Tensor, block_size: int, halo_size: int, split: int) -> tuple[torch.Tensor, torch.Tensor]:
