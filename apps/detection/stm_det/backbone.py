@@ -45,8 +45,11 @@ class UnifiedBackbone(Backbone):
         if pretrained:
             logger.info("Loaded the classification checkpoint %s into %s", pretrained, name)
         if compile:
-            # In place, so that state_dict keys (and therefore checkpoints) are unchanged.
-            self.body.compile()
+            # In place, so that state_dict keys (and therefore checkpoints) are unchanged. Static shapes:
+            # Inductor (torch 2.14, CPU) fails on the channels-last maps of a graph with symbolic height and
+            # width ("cannot determine truth value of Relational"), so each padded input size gets its own
+            # graph; past torch._dynamo.config.recompile_limit sizes, new sizes run eagerly.
+            self.body.compile(dynamic=False)
         self._out_indices = out_indices
         self._out_features = list(out_features)
         dims = list(self.body.dims)

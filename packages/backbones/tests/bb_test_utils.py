@@ -10,3 +10,63 @@ def assert_close_to_scale(actual, expected, tol=1e-5, msg=""):
     zero carry absolute rounding errors of the size of the large ones)."""
     scale = max(1.0, float(expected.abs().max()))
     torch.testing.assert_close(actual, expected, atol=tol * scale, rtol=tol, msg=msg)
+
+
+def grads_of(module, x, fn):
+    """(fn(module, x), gradients of out.square().sum() w.r.t. the input and every parameter)."""
+    x = x.detach().clone().requires_grad_()
+    out = fn(module, x)
+    out.square().sum().backward()
+    grads = {"input": x.grad, **{n: p.grad.clone() for n, p in module.named_parameters()}}
+    module.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+def assert_grads_close(got, want, rtol=1e-5):
+    """Gradient dicts agree relative to each tensor's largest entry."""
+    assert got.keys() == want.keys()
+    for name in want:
+        scale = want[name].abs().max().clamp_min(1e-12)
+        torch.testing.assert_close(got[name] / scale, want[name] / scale, rtol=rtol, atol=rtol, msg=name)
+
+
+def check_classifier_against_straightforward(model, image, use_straightforward, monkeypatch):
+    """A classifier's logits (eval and train mode) and eval-mode gradients with its blocks' fast paths
+    agree with the same model whose block forward is patched back to the straightforward formulation."""
+    # eval first (training steps update the BatchNorm statistics); gradients in eval mode: behind a
+    # train-mode BatchNorm (conv_head) the head-side gradients are small differences of large numbers,
+    # float32 noise of ~1e-4 for any change of summation order
+    tol = dict(rtol=1e-5, atol=1e-5)
+    model.eval()
+    with torch.no_grad():
+        fast = model(image)
+    fast_grads = grads_of(model, image, lambda m, t: m(t))[1]
+    with monkeypatch.context() as patch:
+        use_straightforward(patch)
+        with torch.no_grad():
+            want = model(image)
+        want_grads = grads_of(model, image, lambda m, t: m(t))[1]
+        want_train = model.train()(image)
+    fast_train = model(image)
+    torch.testing.assert_close(fast, want, **tol)
+    torch.testing.assert_close(fast_train, want_train, **tol)
+    assert_grads_close(fast_grads, want_grads)
+
+
+def check_training_step_against(block, x, reference):
+    """Output and input/parameter gradients of a training-mode block equal those of `reference(block, x)`
+    (the straightforward formulation), for one random output gradient."""
+    x = x.detach().clone().requires_grad_()
+    grad = torch.randn_like(x)
+    out = block(x)
+    out.backward(grad)
+    fast = {"x": x.grad.clone(), **{n: p.grad.clone() for n, p in block.named_parameters()}}
+    x.grad = None
+    block.zero_grad()
+    expected = reference(block, x)
+    expected.backward(grad)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    slow = {"x": x.grad, **{n: p.grad for n, p in block.named_parameters()}}
+    assert fast.keys() == slow.keys()
+    for name in fast:
+        assert_close_to_scale(fast[name], slow[name], msg=name)

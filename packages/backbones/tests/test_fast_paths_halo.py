@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from bb_test_utils import assert_close_to_scale
+from bb_test_utils import check_training_step_against
 from timm.layers import DropPath
 
 import stm_backbones
@@ -84,20 +84,7 @@ def test_inference_matches_reference(dense, size, dim, heads):
 @pytest.mark.parametrize("dense, size, dim, heads", CASES)
 def test_training_path_and_gradients_match_reference(dense, size, dim, heads):
     block = make_block(dim, heads, dense).train()
-    x = torch.randn(2, *size, dim, requires_grad=True)
-    grad = torch.randn(2, *size, dim)
-    out = block(x)
-    out.backward(grad)
-    fast = {"x": x.grad.clone(), **{n: p.grad.clone() for n, p in block.named_parameters()}}
-    x.grad = None
-    block.zero_grad()
-    expected = _reference_block(block, x)
-    expected.backward(grad)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    slow = {"x": x.grad, **{n: p.grad for n, p in block.named_parameters()}}
-    assert fast.keys() == slow.keys()
-    for name in fast:
-        assert_close_to_scale(fast[name], slow[name], msg=name)
+    check_training_step_against(block, torch.randn(2, *size, dim), _reference_block)
 
 
 def test_double_precision_matches_reference_tightly():

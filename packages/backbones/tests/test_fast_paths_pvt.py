@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from bb_test_utils import assert_grads_close, check_classifier_against_straightforward, grads_of
 
 import stm_backbones
 from stm_backbones import ops
@@ -76,22 +77,6 @@ def make_block(cls=PvtBlock, depth=0, resolution=(8, 8), sr=2, dense=False, laye
         for p in block.parameters():
             p.normal_(0, 0.2)
     return block.to(dtype)
-
-
-def grads_of(block, x, fn):
-    x = x.detach().clone().requires_grad_()
-    out = fn(block, x)
-    out.square().sum().backward()
-    grads = {"input": x.grad, **{n: p.grad.clone() for n, p in block.named_parameters()}}
-    block.zero_grad(set_to_none=True)
-    return out.detach(), grads
-
-
-def assert_grads_close(got, want, rtol=1e-5):
-    assert got.keys() == want.keys()
-    for name in want:
-        scale = want[name].abs().max().clamp_min(1e-12)
-        torch.testing.assert_close(got[name] / scale, want[name] / scale, rtol=rtol, atol=rtol, msg=name)
 
 
 # ----------------------------------------------------------------------------------- blocks
@@ -203,23 +188,7 @@ def _straightforward(monkeypatch):
 def test_classifier_logits_and_gradients(monkeypatch):
     model = timm.create_model("unified_pvt_micro", num_classes=10, img_size=(64, 96), layer_scale_init_value=0.5)
     image = torch.randn(2, 3, 64, 96)
-    # eval first (training steps update the BatchNorm statistics); gradients in eval mode: behind a
-    # train-mode BatchNorm (conv_head) the head-side gradients are small differences of large numbers,
-    # float32 noise of ~1e-4 for any change of summation order
-    model.eval()
-    with torch.no_grad():
-        fast = model(image)
-    fast_grads = grads_of(model, image, lambda m, t: m(t))[1]
-    with monkeypatch.context() as patch:
-        _straightforward(patch)
-        with torch.no_grad():
-            want = model(image)
-        want_grads = grads_of(model, image, lambda m, t: m(t))[1]
-        want_train = model.train()(image)
-    fast_train = model(image)
-    torch.testing.assert_close(fast, want, **TOL)
-    torch.testing.assert_close(fast_train, want_train, **TOL)
-    assert_grads_close(fast_grads, want_grads)
+    check_classifier_against_straightforward(model, image, _straightforward, monkeypatch)
 
 
 def test_dense_backbone_non_square(monkeypatch):

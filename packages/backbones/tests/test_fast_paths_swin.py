@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from bb_test_utils import assert_close_to_scale
+from bb_test_utils import check_training_step_against
 from timm.layers import DropPath
 
 import stm_backbones
@@ -96,20 +96,7 @@ def test_inference_matches_reference(resolution, depth, dense, size):
 @pytest.mark.parametrize("resolution, depth, dense, size", CASES)
 def test_training_path_and_gradients_match_reference(resolution, depth, dense, size):
     block = make_block(resolution, depth, dense).train()
-    x = torch.randn(2, DIM, *size, requires_grad=True)
-    grad = torch.randn(2, DIM, *size)
-    out = block(x)
-    out.backward(grad)
-    fast = {"x": x.grad.clone(), **{n: p.grad.clone() for n, p in block.named_parameters()}}
-    x.grad = None
-    block.zero_grad()
-    expected = _reference_forward(block, x)
-    expected.backward(grad)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    slow = {"x": x.grad, **{n: p.grad for n, p in block.named_parameters()}}
-    assert fast.keys() == slow.keys()
-    for name in fast:
-        assert_close_to_scale(fast[name], slow[name], msg=name)
+    check_training_step_against(block, torch.randn(2, DIM, *size), _reference_forward)
 
 
 def test_double_precision_matches_reference_tightly():
