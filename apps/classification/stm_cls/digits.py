@@ -9,11 +9,11 @@ stratified, seeded 80/20 split) and are then read by exactly the same code as Im
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import numpy as np
 from PIL import Image
+
+from stm_backbones.cache import ensure_versioned_dir
 
 DIGITS_DIRNAME = "digits_imagenet"
 DIGITS_NUM_CLASSES = 10
@@ -22,22 +22,6 @@ SPLIT_SEED = 0
 VAL_FRACTION = 0.2
 # Bump when the written content changes, so stale caches are rebuilt instead of silently reused.
 FORMAT_VERSION = "1"
-
-
-def cache_root() -> str:
-    return os.path.expanduser(os.environ.get("STM_CACHE") or os.path.join("~", ".cache", "stm"))
-
-
-def digits_root() -> str:
-    return os.path.join(cache_root(), DIGITS_DIRNAME)
-
-
-def _is_complete(root: str) -> bool:
-    try:
-        with open(os.path.join(root, "VERSION")) as f:
-            return f.read().strip() == FORMAT_VERSION
-    except OSError:
-        return False
 
 
 def _split_indices(labels: np.ndarray) -> tuple[list[int], list[int]]:
@@ -71,32 +55,12 @@ def _write(root: str) -> None:
             lines.append(f"{rel} {labels[i]}")
         with open(os.path.join(root, "meta", f"{split}.txt"), "w") as f:
             f.write("\n".join(lines) + "\n")
-    with open(os.path.join(root, "VERSION"), "w") as f:
-        f.write(FORMAT_VERSION + "\n")
 
 
 def ensure_digits_dataset() -> str:
-    """Return the dataset root, writing it first if needed (atomic: temp dir, then rename).
-
-    Concurrent writers (several ranks, several runs) are safe: whoever renames first wins and the
-    others discard their copy.
-    """
-    root = digits_root()
-    if _is_complete(root):
-        return root
-    parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{DIGITS_DIRNAME}.tmp-", dir=parent)
-    try:
-        _write(tmp)
-        if os.path.exists(root) and not _is_complete(root):
-            shutil.rmtree(root, ignore_errors=True)  # leftover of an older format or a foreign folder
-        try:
-            os.rename(tmp, root)
-            print(f"Wrote the digits dataset to {root}")
-        except OSError:
-            if not _is_complete(root):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Return the dataset root, writing it first if needed (atomic and safe for concurrent writers:
+    `stm_backbones.cache.ensure_versioned_dir`)."""
+    root, written = ensure_versioned_dir(DIGITS_DIRNAME, FORMAT_VERSION, _write)
+    if written:
+        print(f"Wrote the digits dataset to {root}")
     return root

@@ -16,11 +16,11 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+from stm_backbones.cache import cache_root, ensure_versioned_dir
 
 logger = logging.getLogger(__name__)
 
@@ -173,22 +173,6 @@ def register_coco(name: str, json_file: str, image_root: str, check_images: bool
 # The drawn-shapes set
 # --------------------------------------------------------------------------------------------
 
-def cache_root() -> str:
-    return os.path.expanduser(os.environ.get("STM_CACHE") or os.path.join("~", ".cache", "stm"))
-
-
-def shapes_root() -> str:
-    return os.path.join(cache_root(), SHAPES_DIRNAME)
-
-
-def _shapes_complete(root: str) -> bool:
-    try:
-        with open(os.path.join(root, "VERSION")) as f:
-            return f.read().strip() == SHAPES_VERSION
-    except OSError:
-        return False
-
-
 def _shape_polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
     """Vertices (K, 2) of a shape inscribed in the circle (cx, cy, r)."""
     n = {"circle": 32, "square": 4, "triangle": 3}[kind]
@@ -257,33 +241,18 @@ def _write_shapes(root: str) -> None:
         with open(os.path.join(root, f"{split}.json"), "w") as f:
             json.dump({"info": {"description": "stm drawn shapes", "version": SHAPES_VERSION}, "images": images,
                        "annotations": annotations, "categories": categories}, f)
-    with open(os.path.join(root, "VERSION"), "w") as f:
-        f.write(SHAPES_VERSION + "\n")
+
+
+def shapes_root() -> str:
+    return os.path.join(cache_root(), SHAPES_DIRNAME)
 
 
 def ensure_shapes_dataset() -> str:
-    """Return the root of the shapes set, writing it first if needed (atomic: temp dir, then rename).
-
-    Concurrent writers (several ranks or runs) are safe: whoever renames first wins.
-    """
-    root = shapes_root()
-    if _shapes_complete(root):
-        return root
-    parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{SHAPES_DIRNAME}.tmp-", dir=parent)
-    try:
-        _write_shapes(tmp)
-        if os.path.exists(root) and not _shapes_complete(root):
-            shutil.rmtree(root, ignore_errors=True)  # an older format or an interrupted foreign folder
-        try:
-            os.rename(tmp, root)
-            logger.info("Wrote the shapes dataset to %s", root)
-        except OSError:
-            if not _shapes_complete(root):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Return the root of the shapes set, writing it first if needed (atomic and safe for concurrent
+    writers: `stm_backbones.cache.ensure_versioned_dir`)."""
+    root, written = ensure_versioned_dir(SHAPES_DIRNAME, SHAPES_VERSION, _write_shapes)
+    if written:
+        logger.info("Wrote the shapes dataset to %s", root)
     return root
 
 

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import cache_root
+
 IGNORED_BUFFER_TAGS = ("relative_position_index", "attn_mask")
 _MAX_LISTED = 5
 
@@ -40,7 +42,7 @@ def _is_ignored_buffer(key: str) -> bool:
 
 # ---------------------------------------------------------------------------------- reading files
 def _download(url: str) -> Path:
-    cache = Path(os.environ.get("STM_CACHE", Path.home() / ".cache" / "stm")) / "checkpoints"
+    cache = Path(cache_root()) / "checkpoints"
     cache.mkdir(parents=True, exist_ok=True)
     target = cache / Path(urllib.parse.urlparse(url).path).name
     if not target.exists():

@@ -70,3 +70,21 @@ def check_training_step_against(block, x, reference):
     assert fast.keys() == slow.keys()
     for name in fast:
         assert_close_to_scale(fast[name], slow[name], msg=name)
+
+
+def check_models_against_reference_blocks(name, block_cls, reference_forward, image_size, tol, monkeypatch):
+    """A classifier (`image_size` square) and a dense backbone (96x160) give the same outputs with the
+    blocks' fast paths as with `block_cls.forward` patched to `reference_forward`, to `tol`."""
+    import timm
+
+    import stm_backbones
+
+    model = timm.create_model(name, num_classes=7).eval()
+    dense = stm_backbones.create_dense_backbone(name).eval()
+    image, dense_image = torch.randn(2, 3, image_size, image_size), torch.randn(1, 3, 96, 160)
+    with torch.no_grad():
+        fast, fast_maps = model(image), dense(dense_image)
+        monkeypatch.setattr(block_cls, "forward", reference_forward)
+        torch.testing.assert_close(fast, model(image), atol=tol, rtol=tol)
+        for a, b in zip(fast_maps, dense(dense_image)):
+            torch.testing.assert_close(a, b, atol=tol, rtol=tol)

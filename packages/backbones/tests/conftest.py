@@ -37,3 +37,12 @@ def op_backend(request):
     ops._dispatch_state.update(resolved=True, compiled=None, warned=True)
     yield request.param
     ops._dispatch_state.update(saved)
+
+
+@pytest.fixture
+def tiny_chunks(monkeypatch):
+    """Make every chunked GELU MLP (ops.mlp_gelu) run in several 7-row chunks (the last one shorter),
+    with and without autograd."""
+    monkeypatch.setattr(ops, "MLP_CHUNK_BYTES", 1)
+    monkeypatch.setattr(ops, "_MIN_CHUNK_ROWS", 7)
+    monkeypatch.setattr(ops, "MLP_CHUNKING_BYTES", 0)

@@ -4,10 +4,9 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from bb_test_utils import assert_close_to_scale
+from bb_test_utils import assert_close_to_scale, check_models_against_reference_blocks
 from timm.layers import DropPath
 
-import stm_backbones
 from stm_backbones.layers import residual_add, scale
 from stm_backbones.models.convnext import UnifiedConvNeXtBlock, _DepthwiseConv2d, depthwise_weight_grad
 
@@ -91,15 +90,8 @@ def test_residual_add_helper_matches_unfused_formula():
 
 def test_model_matches_reference_blocks_and_dense_mode(monkeypatch):
     """Whole models (classifier and a dense backbone at a non-square size) against the reference blocks."""
-    model = timm.create_model("unified_convnext_micro", num_classes=7).eval()
-    dense = stm_backbones.create_dense_backbone("unified_convnext_micro").eval()
-    image, dense_image = torch.randn(2, 3, 64, 64), torch.randn(1, 3, 96, 160)
-    with torch.no_grad():
-        fast, fast_maps = model(image), dense(dense_image)
-        monkeypatch.setattr(UnifiedConvNeXtBlock, "forward", _reference_forward)
-        torch.testing.assert_close(fast, model(image), atol=1e-5, rtol=1e-5)
-        for a, b in zip(fast_maps, dense(dense_image)):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    check_models_against_reference_blocks("unified_convnext_micro", UnifiedConvNeXtBlock, _reference_forward, 64,
+                                          1e-5, monkeypatch)
 
 
 # ----------------------------------------------------------------------------------- depth-wise weight gradient

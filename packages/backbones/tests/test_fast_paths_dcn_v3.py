@@ -22,13 +22,6 @@ DIM, HEADS = 16, 2
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture
-def tiny_chunks(monkeypatch):
-    monkeypatch.setattr(ops, "MLP_CHUNK_BYTES", 1)
-    monkeypatch.setattr(ops, "_MIN_CHUNK_ROWS", 7)
-    monkeypatch.setattr(ops, "MLP_CHUNKING_BYTES", 0)
-
-
 def stage_inputs(height, width):
     return DCNv3Block.extra_inputs(torch.empty(1, 3, 4 * height, 4 * width))[0]
 

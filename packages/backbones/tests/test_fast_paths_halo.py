@@ -2,10 +2,9 @@
 batched product, -inf additive mask, SDPA / baddbmm) against the straightforward formulation it replaced."""
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
-from bb_test_utils import check_training_step_against
+from bb_test_utils import check_models_against_reference_blocks, check_training_step_against
 from timm.layers import DropPath
 
 import stm_backbones
@@ -188,15 +187,8 @@ def test_fvcore_trace_sees_the_reference_ops():
 
 # ----------------------------------------------------------------------------------- models
 def test_model_matches_reference_blocks(monkeypatch):
-    model = timm.create_model("unified_halo_micro", num_classes=7).eval()
-    dense = stm_backbones.create_dense_backbone("unified_halo_micro").eval()
-    image, dense_image = torch.randn(2, 3, 224, 224), torch.randn(1, 3, 96, 160)
-    with torch.no_grad():
-        fast, fast_maps = model(image), dense(dense_image)
-        monkeypatch.setattr(UnifiedHaloBlock, "forward", _reference_block)
-        torch.testing.assert_close(fast, model(image), atol=1e-4, rtol=1e-4)
-        for a, b in zip(fast_maps, dense(dense_image)):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    check_models_against_reference_blocks("unified_halo_micro", UnifiedHaloBlock, _reference_block, 224, 1e-4,
+                                          monkeypatch)
 
 
 def test_bf16_autocast_runs_both_paths_close_to_float32():

@@ -21,14 +21,6 @@ DIM, HEADS = 16, 2
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture
-def tiny_chunks(monkeypatch):
-    """Make every MLP run in several 7-row chunks (last one shorter), with and without autograd."""
-    monkeypatch.setattr(ops, "MLP_CHUNK_BYTES", 1)
-    monkeypatch.setattr(ops, "_MIN_CHUNK_ROWS", 7)
-    monkeypatch.setattr(ops, "MLP_CHUNKING_BYTES", 0)
-
-
 # ----------------------------------------------------------------------------------- straightforward formulation
 def _scale(t, gamma):
     return t if gamma is None else gamma * t
