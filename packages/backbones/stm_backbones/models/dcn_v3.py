@@ -56,21 +56,6 @@ def kernel_grid(points: int = 9, num_heads: int = 1, dilation_rates: Sequence[in
     return torch.stack(per_head).view(1, 1, num_heads, 1, points, 2)
 
 
-class _GridCache:
-    """The non-state kernel grid on each device it is used on (bypassed while torch.compile traces)."""
-
-    def __init__(self):
-        self.entries: dict[torch.device, torch.Tensor] = {}
-
-    def get(self, grid: torch.Tensor, device: torch.device) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            return grid.to(device)
-        value = self.entries.get(device)
-        if value is None:
-            value = self.entries[device] = grid.to(device)
-        return value
-
-
 _LEVEL_TENSORS = SizeCache()
 _EXTRA_INPUTS = SizeCache()
 
@@ -110,7 +95,7 @@ class DeformableAttention(nn.Module):
         self.value_proj = nn.Linear(dim, dim)
         self.output_proj = nn.Linear(dim, dim)
         self.grid = kernel_grid(points, num_heads, tuple(dilation_rates))  # not a buffer: out of the state_dict
-        self._grids = _GridCache()
+        self._grids = SizeCache()  # the non-state kernel grid on each device it is used on
         self._reset_parameters()
         ops.compiled_op_available()  # import stm_cuda_ops now, not inside a traced forward
 
@@ -166,7 +151,7 @@ class DeformableAttention(nn.Module):
         factor = torch.tensor([self.offsets_scaler / width, self.offsets_scaler / height], dtype=weight.dtype,
                               device=u.device)
         w_loc = (weight.view(rows, 2, channels) * factor[:, None]).view(2 * rows, channels)
-        grid = self._grids.get(self.grid, u.device).view(rows, 2)
+        grid = self._grids.get((u.device,), lambda: self.grid.to(u.device)).view(rows, 2)
         const = (grid + self.sampling_offsets.bias.view(rows, 2)) * factor  # (rows, 2)
         ref_dtype = torch.promote_types(reference_points.dtype, weight.dtype)
         padded = torch.tensor([width + 2 * pad, height + 2 * pad], dtype=ref_dtype, device=u.device)
