@@ -285,12 +285,15 @@ def linear_branch(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 def mlp_branch(residual: torch.Tensor, x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear,
                gamma: torch.Tensor | None = None, drop_path: nn.Module | None = None,
-               inplace: bool = False) -> torch.Tensor:
-    """residual + drop_path(γ·fc2(GELU(fc1(x)))) with exact GELU (see `mlp_gelu`).
+               inplace: bool = False, act: nn.Module | None = None) -> torch.Tensor:
+    """residual + drop_path(γ·fc2(act(fc1(x)))); `act` defaults to exact GELU. γ is per channel (C,).
 
-    `inplace=True`: `residual` is the caller's own fresh tensor, which the no-grad path may update.
+    With exact GELU (`nn.GELU()`), the fast path `mlp_gelu`; any other activation module takes the plain
+    route. `inplace=True`: `residual` is the caller's own fresh tensor, which the no-grad path may update.
     """
     drop_path = nn.Identity() if drop_path is None else drop_path
+    if act is not None and not (type(act) is nn.GELU and act.approximate == "none"):
+        return residual_add(residual, fc2(act(fc1(x))), gamma, drop_path)
     if plain_path():
         return residual + drop_path(scale(fc2(F.gelu(fc1(x))), gamma))
     w2, b2 = fc2.weight, fc2.bias

@@ -33,7 +33,10 @@ def make_block(dim=32, layer_scale=0.5, drop_path=0.0):
 @pytest.mark.parametrize("size", [(14, 14), (9, 13), (1, 5)])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("layer_scale", [0.5, 0.0])
-def test_block_matches_reference_forward(size, channels_last, layer_scale):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_block_matches_reference_forward(size, channels_last, layer_scale, chunked, request):
+    if chunked:
+        request.getfixturevalue("tiny_chunks")
     block = make_block(layer_scale=layer_scale).eval()
     x = torch.randn(2, 32, *size)
     if channels_last:
@@ -52,7 +55,10 @@ def test_block_matches_reference_double_tightly():
 
 
 @pytest.mark.parametrize("size", [(9, 11), (1, 1)])  # 1x1: the last stage of a 32 px classifier
-def test_gradients_match_reference(size):
+@pytest.mark.parametrize("chunked", [False, True])  # the MLP in row chunks (as for large maps) or in one
+def test_gradients_match_reference(size, chunked, request):
+    if chunked:
+        request.getfixturevalue("tiny_chunks")
     block = make_block().train()
     x = torch.randn(2, 32, *size, requires_grad=True)
     grad = torch.randn(2, 32, *size)

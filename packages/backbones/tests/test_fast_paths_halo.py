@@ -86,6 +86,16 @@ def test_training_path_and_gradients_match_reference(dense, size, dim, heads):
     check_training_step_against(block, torch.randn(2, *size, dim), _reference_block)
 
 
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_mlp_in_row_chunks_matches_reference(dense, tiny_chunks):
+    """The MLP in row chunks (what large maps get) in inference and in a training step."""
+    block = make_block(16, 2, dense)
+    x = torch.randn(2, 14, 21, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(block.eval()(x), _reference_block(block, x), atol=1e-5, rtol=1e-5)
+    check_training_step_against(block.train(), x, _reference_block)
+
 def test_double_precision_matches_reference_tightly():
     for training in (False, True):
         block = make_block(dense=True, dtype=torch.float64).train(training)

@@ -99,6 +99,16 @@ def test_training_path_and_gradients_match_reference(resolution, depth, dense, s
     check_training_step_against(block, torch.randn(2, DIM, *size), _reference_forward)
 
 
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_mlp_in_row_chunks_matches_reference(dense, tiny_chunks):
+    """The MLP in row chunks (what large maps get) in inference and in a training step."""
+    block = make_block((14, 21), 1, dense)
+    x = torch.randn(2, DIM, 14, 21)
+    with torch.no_grad():
+        torch.testing.assert_close(block.eval()(x), _reference_forward(block, x), atol=1e-5, rtol=1e-5)
+    check_training_step_against(block.train(), x, _reference_forward)
+
 def test_double_precision_matches_reference_tightly():
     for training in (False, True):
         block = make_block((14, 21), 1, dtype=torch.float64).train(training)

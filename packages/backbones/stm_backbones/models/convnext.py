@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from timm.models import generate_default_cfgs
 from torch import nn
 
+from .. import ops
 from .._builder import build_model, study_cfg
-from ..layers import LayerNorm2d, drop_path_or_identity, layer_scale, residual_add
+from ..layers import LayerNorm2d, drop_path_or_identity, layer_scale
 from ..registry import register_model
 
 
@@ -103,11 +104,13 @@ class UnifiedConvNeXtBlock(nn.Module):
         h = h.permute(0, 2, 3, 1)
         if not h.is_contiguous():
             h = h.contiguous()
-        h = F.linear(h, self.dw_out_proj.weight.view(dim, dim), self.dw_out_proj.bias)
         gamma_1 = None if self.gamma_1 is None else self.gamma_1.view(dim)
-        y = residual_add(y, h, gamma_1, self.drop_path)
-        h = self.pwconv2(self.act(self.pwconv1(self.pw_norm(y))))
-        y = residual_add(y, h, self.gamma_2, self.drop_path)
+        y = ops.linear_branch(y, h, self.dw_out_proj.weight.view(dim, dim), self.dw_out_proj.bias, gamma_1,
+                              self.drop_path)
+        gamma_2 = None if self.gamma_2 is None else self.gamma_2.view(dim)
+        # y is this block's own fresh tensor: the no-grad path may accumulate into it
+        y = ops.mlp_branch(y, self.pw_norm(y), self.pwconv1, self.pwconv2, gamma_2, self.drop_path, inplace=True,
+                           act=self.act)
         return y.permute(0, 3, 1, 2)
 
     def _depthwise(self, x: torch.Tensor) -> torch.Tensor:

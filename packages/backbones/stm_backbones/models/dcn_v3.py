@@ -31,7 +31,7 @@ from torch import nn
 
 from .. import ops
 from .._builder import build_model, study_cfg
-from ..layers import ChannelsLastLayerNorm, Mlp, SizeCache, drop_path_or_identity, layer_scale, scale
+from ..layers import ChannelsLastLayerNorm, Mlp, SizeCache, drop_path_or_identity, layer_scale
 from ..registry import register_model
 
 IM2COL_STEP = 128
@@ -244,11 +244,9 @@ class DCNv3Block(nn.Module):
         sampled = attn.sample(self.norm1(y), stage_inputs).view(y.shape)
         y = ops.linear_branch(y, sampled, attn.output_proj.weight, attn.output_proj.bias, self.gamma1,
                               self.drop_path)
-        if isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none":
-            # y is this block's own fresh tensor: the no-grad path may accumulate into it
-            y = ops.mlp_branch(y, self.norm2(y), mlp.fc1, mlp.fc2, self.gamma2, self.drop_path, inplace=True)
-        else:
-            y = y + self.drop_path(scale(mlp(self.norm2(y)), self.gamma2))
+        # y is this block's own fresh tensor: the no-grad path may accumulate into it
+        y = ops.mlp_branch(y, self.norm2(y), mlp.fc1, mlp.fc2, self.gamma2, self.drop_path, inplace=True,
+                           act=mlp.act)
         return y.permute(0, 3, 1, 2), stage_inputs
 
 

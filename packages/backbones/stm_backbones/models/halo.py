@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from timm.models import generate_default_cfgs
 from torch import nn
 
+from .. import ops
 from .._builder import build_model, study_cfg
 from ..layers import Mlp, SizeCache, drop_path_or_identity, layer_scale, residual_add
 from ..registry import register_model
@@ -298,7 +299,10 @@ class UnifiedHaloBlock(nn.Module):
         if not x.is_contiguous():  # the stage's first block gets a permuted NCHW map: one copy
             x = x.contiguous()
         x = residual_add(x, self.attn(self.norm1(x)), self.gamma_1, self.drop_path)
-        return residual_add(x, self.mlp(self.norm2(x)), self.gamma_2, self.drop_path)
+        gamma_2 = None if self.gamma_2 is None else self.gamma_2.view(-1)
+        # x is this block's own fresh tensor: the no-grad path may accumulate into it
+        return ops.mlp_branch(x, self.norm2(x), self.mlp.fc1, self.mlp.fc2, gamma_2, self.drop_path, inplace=True,
+                              act=self.mlp.act)
 
 
 # Declarative size table: dims, depths, heads per stage, max stochastic-depth rate.

@@ -200,7 +200,8 @@ class _SraBlockBase(nn.Module):
         mlp = self.mlp
         if not isinstance(mlp, _PvtMlp):
             return t + self.drop_path(scale(mlp(self.norm2(t), height, width), self.gamma_2))
-        return ops.mlp_branch(t, self.norm2(t), mlp.fc1, mlp.fc2, self.gamma_2, self.drop_path, inplace=True)
+        return ops.mlp_branch(t, self.norm2(t), mlp.fc1, mlp.fc2, self.gamma_2, self.drop_path, inplace=True,
+                              act=mlp.act)
 
     @staticmethod
     def _too_small(height: int, width: int) -> str | None:

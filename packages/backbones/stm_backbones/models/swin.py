@@ -33,6 +33,7 @@ from timm.layers import trunc_normal_
 from timm.models import generate_default_cfgs
 from torch import nn
 
+from .. import ops
 from .._builder import build_model, study_cfg
 from ..layers import LayerNorm2d, Mlp, SizeCache, drop_path_or_identity, layer_scale, residual_add
 from ..registry import register_model
@@ -343,8 +344,10 @@ class SwinBlock(nn.Module):
         norm1, norm2 = self.norm1, self.norm2
         h = self.mix(F.layer_norm(y, norm1.normalized_shape, norm1.weight, norm1.bias, norm1.eps))
         y = residual_add(y, h, self.gamma_1, self.drop_path)
-        h = self.mlp(F.layer_norm(y, norm2.normalized_shape, norm2.weight, norm2.bias, norm2.eps))
-        y = residual_add(y, h, self.gamma_2, self.drop_path)
+        h = F.layer_norm(y, norm2.normalized_shape, norm2.weight, norm2.bias, norm2.eps)
+        # y is this block's own fresh tensor: the no-grad path may accumulate into it
+        y = ops.mlp_branch(y, h, self.mlp.fc1, self.mlp.fc2, self.gamma_2, self.drop_path, inplace=True,
+                           act=self.mlp.act)
         return y.permute(0, 3, 1, 2)
 
 
