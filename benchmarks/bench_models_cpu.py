@@ -5,8 +5,9 @@ step (forward + backward of `out.sum()`, `train()`), batch 8, 224 px, 2 threads,
 warm-up; in three columns: eager float32, `torch.compile`, bf16 autocast. Peak memory of the
 training step is the peak resident-memory increase of a fresh process over one eager step.
 
-All timings come from this one process (the yardstick is timed in the same run, so ratios survive a
-noisy shared machine); only the peak-memory reading uses a fresh child process per model.
+All timings come from this one process, and the yardstick is timed right after each model in every
+round (model, resnet50, model, resnet50, ...), so each ratio compares two steps taken under the same
+load of a shared, noisy machine; only the peak-memory reading uses a fresh child process per model.
 Writes benchmarks/results/models_cpu.{json,md}.
 
     python benchmarks/bench_models_cpu.py [--models unified_swin_tiny ...] [--modes eager compile bf16]
@@ -50,40 +51,58 @@ def _build(name: str):
     return timm.create_model(name)
 
 
-def time_model(name: str, mode: str, batch: int, size: int, repeats: int) -> dict:
-    """Best-of-`repeats` seconds of an eval forward and of a training step, after a warm-up."""
-    import torch
+class _Steps:
+    """A model's eval forward and training step in one mode (eager, compile or bf16), as callables."""
 
-    torch._dynamo.reset()
-    model = _build(name)
-    image = torch.randn(batch, 3, size, size)
-    runner = torch.compile(model) if mode == "compile" else model
+    def __init__(self, name: str, mode: str, batch: int, size: int):
+        import torch
 
-    def autocast():
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=(mode == "bf16"))
+        self.model = _build(name)
+        self.image = torch.randn(batch, 3, size, size)
+        self.runner = torch.compile(self.model) if mode == "compile" else self.model
+        self.bf16 = mode == "bf16"
 
-    def eval_forward():
-        model.eval()
-        with torch.no_grad(), autocast():
-            runner(image)
+    def _autocast(self):
+        import torch
 
-    def train_step():
-        model.train()
-        with autocast():
-            out = runner(image)
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
+
+    def eval_forward(self) -> None:
+        import torch
+
+        self.model.eval()
+        with torch.no_grad(), self._autocast():
+            self.runner(self.image)
+
+    def train_step(self) -> None:
+        self.model.train()
+        with self._autocast():
+            out = self.runner(self.image)
         out.float().sum().backward()
-        model.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
 
-    def best_of(fn):
-        fn()  # warm-up (compiles under torch.compile)
-        times = []
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def time_against_yardstick(name: str, yardstick: _Steps, mode: str, batch: int, size: int, repeats: int) -> dict:
+    """Best-of-`repeats` seconds of `name`'s eval forward and training step, after a warm-up, each round
+    followed by the same step of the yardstick: both see the same machine load, so their ratio is robust
+    on a shared machine (a yardstick timed once per run drifts with the load)."""
+    steps = _Steps(name, mode, batch, size)
+    row = dict(model=name, mode=mode)
+    for phase in ("eval", "train"):
+        own, base = (getattr(s, "eval_forward" if phase == "eval" else "train_step") for s in (steps, yardstick))
+        own()  # warm-up (compiles under torch.compile)
+        own_times, base_times = [], []
         for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    return dict(model=name, mode=mode, eval_s=best_of(eval_forward), train_s=best_of(train_step))
+            own_times.append(_seconds(own))
+            base_times.append(_seconds(base))
+        row[f"{phase}_s"], row[f"yardstick_{phase}_s"] = min(own_times), min(base_times)
+    return row
 
 
 def forward_gmacs(name: str, size: int) -> float:
@@ -165,6 +184,13 @@ def _rate_cells(row: dict) -> list[str]:
     return [f"{row['gmacs']:.2f}", f"{work / row['eval_s']:.0f}, {3 * work / row['train_s']:.0f}"]
 
 
+def _ratios(row: dict) -> tuple[float, float] | None:
+    """(eval, train) time / the yardstick's time measured in the same rounds."""
+    if "eval_s" not in row or "yardstick_eval_s" not in row:
+        return None
+    return row["eval_s"] / row["yardstick_eval_s"], row["train_s"] / row["yardstick_train_s"]
+
+
 def _table(rows: list[dict], modes: list[str]) -> str:
     by = {(r["model"], r["mode"]): r for r in rows}
     header = ["model"]
@@ -173,18 +199,16 @@ def _table(rows: list[dict], modes: list[str]) -> str:
     header += ["ref eval/rn50", "ref train/rn50", "eager speed-up vs ref (eval, train)", "train peak MiB (eager)",
                "GMAC/img", "eager GMAC/s (eval, train)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name in [n for n in TINY_MODELS if any(k[0] == n for k in by)]:
+    for name in dict.fromkeys(r["model"] for r in rows if r["model"] != YARDSTICK):
         cells = [name]
         for mode in modes:
-            own, base = by.get((name, mode), {}), by.get((YARDSTICK, mode), {})
-            if "eval_s" in own and "eval_s" in base:
-                cells += [f"{own['eval_s'] / base['eval_s']:.2f}", f"{own['train_s'] / base['train_s']:.2f}"]
-            else:
-                cells += ["error", "error"]
+            ratios = _ratios(by.get((name, mode), {}))
+            cells += [f"{r:.2f}" for r in ratios] if ratios else ["error", "error"]
         ref = REFERENCE_RATIOS.get(name)
-        eager, base = by.get((name, "eager"), {}), by.get((YARDSTICK, "eager"), {})
-        if ref and "eval_s" in eager and "eval_s" in base:
-            speedup = (ref[0] / (eager["eval_s"] / base["eval_s"]), ref[1] / (eager["train_s"] / base["train_s"]))
+        eager = by.get((name, "eager"), {})
+        ratios = _ratios(eager)
+        if ref and ratios:
+            speedup = (ref[0] / ratios[0], ref[1] / ratios[1])
             cells += [f"{ref[0]:.2f}", f"{ref[1]:.2f}", f"{speedup[0]:.2f}x, {speedup[1]:.2f}x",
                       f"{eager.get('train_peak_mib', float('nan')):.0f}"]
         else:
@@ -208,41 +232,59 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where the JSON, table and profiles go")
     parser.add_argument("--profiles", action=argparse.BooleanOptionalAction, default=True,
                         help="write torch.profiler tables of each eager training step to results/profiles/")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(2)
+    # Every model is compiled once per mode and kept: more graphs than Dynamo's default limit of 8 per
+    # code object (MetaArch.forward is shared by all models), and no reset, which would drop the yardstick's.
+    torch._dynamo.config.recompile_limit = 64
     rows = []
     for mode in args.modes:
-        # The yardstick is timed in the same process, right before the models of each mode.
-        for name in [YARDSTICK, *args.models]:
+        yardstick = _Steps(YARDSTICK, mode, args.batch, args.size)
+        yardstick.eval_forward(), yardstick.train_step()  # warm-up (compiles under torch.compile)
+        yard_times = dict(eval=[], train=[])
+        for name in args.models:
             try:
-                row = time_model(name, mode, args.batch, args.size, args.repeats)
+                row = time_against_yardstick(name, yardstick, mode, args.batch, args.size, args.repeats)
+                yard_times["eval"].append(row["yardstick_eval_s"])
+                yard_times["train"].append(row["yardstick_train_s"])
                 if mode == "eager":
-                    row["batch"] = args.batch
-                    row["gmacs"] = forward_gmacs(name, args.size)
-                    row["train_peak_mib"] = peak_train_memory_mib(name, mode, args.batch, args.size)
+                    row.update(batch=args.batch, gmacs=forward_gmacs(name, args.size),
+                               train_peak_mib=peak_train_memory_mib(name, mode, args.batch, args.size))
             except Exception as error:  # noqa: BLE001 - a failing model is reported, not fatal
                 row = dict(model=name, mode=mode, error=f"{type(error).__name__}: {error}"[:300])
             print(json.dumps(row), flush=True)
             rows.append(row)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+        # the yardstick's own row: its best times over the whole mode (for the absolute figures)
+        row = dict(model=YARDSTICK, mode=mode)
+        if yard_times["eval"]:
+            row.update(eval_s=min(yard_times["eval"]), train_s=min(yard_times["train"]))
+        if mode == "eager":
+            row.update(batch=args.batch, gmacs=forward_gmacs(YARDSTICK, args.size),
+                       train_peak_mib=peak_train_memory_mib(YARDSTICK, mode, args.batch, args.size))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del yardstick
+    results = args.results_dir
+    results.mkdir(parents=True, exist_ok=True)
     peak = gemm_peak_gmacs()
     if args.profiles:
-        (RESULTS / "profiles").mkdir(exist_ok=True)
+        (results / "profiles").mkdir(exist_ok=True)
         for name in [YARDSTICK, *args.models]:
             text = profile_train_step(name, args.batch, args.size)
-            (RESULTS / "profiles" / f"{name}_train_step.txt").write_text(text)
+            (results / "profiles" / f"{name}_train_step.txt").write_text(text)
     meta = dict(gemm_peak_gmacs_per_s=peak, machine=platform.processor() or platform.machine(), threads=2, batch=args.batch, size=args.size,
                 repeats=args.repeats, torch=torch.__version__,
-                note="ratio = model time / resnet50 time, both timed in this one process run")
-    (RESULTS / "models_cpu.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+                note="ratio = model time / resnet50 time, the two timed in alternating rounds of one process run")
+    (results / "models_cpu.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     table = _table(rows, args.modes)
     table += ("\n\nGEMM ceiling (2048^3 matrix product, 2 threads): "
               f"{peak['float32']:.0f} GMAC/s float32, {peak['bfloat16']:.0f} GMAC/s bfloat16.")
-    (RESULTS / "models_cpu.md").write_text(table + "\n")
+    (results / "models_cpu.md").write_text(table + "\n")
     print(table)
 
 

@@ -1,0 +1,30 @@
+"""The model benchmark runs end to end (tiny settings) and reports ratios against the yardstick."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_models_cpu.py"
+
+
+def test_bench_writes_ratios_against_the_yardstick(tmp_path):
+    out = tmp_path / "results"
+    subprocess.run([sys.executable, str(BENCH), "--models", "unified_convnext_micro", "--modes", "eager", "bf16",
+                    "--size", "64", "--batch", "1", "--repeats", "1", "--no-profiles", "--results-dir", str(out)],
+                   check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    rows = json.loads((out / "models_cpu.json").read_text())["rows"]
+    by = {(r["model"], r["mode"]): r for r in rows}
+    assert set(by) == {(m, mode) for m in ("unified_convnext_micro", "resnet50") for mode in ("eager", "bf16")}
+    for mode in ("eager", "bf16"):
+        row = by[("unified_convnext_micro", mode)]
+        assert "error" not in row, row
+        assert all(row[k] > 0 for k in ("eval_s", "train_s", "yardstick_eval_s", "yardstick_train_s"))
+        # the yardstick's own row is its best time over the rounds it ran beside the models
+        assert by[("resnet50", mode)]["eval_s"] == row["yardstick_eval_s"]
+    assert by[("unified_convnext_micro", "eager")]["train_peak_mib"] > 0
+    table = (out / "models_cpu.md").read_text()
+    line = next(l for l in table.splitlines() if l.startswith("| unified_convnext_micro"))
+    eager = by[("unified_convnext_micro", "eager")]
+    assert f"| {eager['eval_s'] / eager['yardstick_eval_s']:.2f} |" in line
