@@ -5,9 +5,9 @@ step (forward + backward of `out.sum()`, `train()`), batch 8, 224 px, 2 threads,
 warm-up; in three columns: eager float32, `torch.compile`, bf16 autocast. Peak memory of the
 training step is the peak resident-memory increase of a fresh process over one eager step.
 
-All timings come from this one process, and the yardstick is timed right after each model in every
-round (model, resnet50, model, resnet50, ...), so each ratio compares two steps taken under the same
-load of a shared, noisy machine; only the peak-memory reading uses a fresh child process per model.
+All timings come from this one process, and the yardstick is timed right before and right after each
+model, so each ratio compares steps taken under the same load of a shared, noisy machine; only the
+peak-memory reading uses a fresh child process per model.
 Writes benchmarks/results/models_cpu.{json,md}.
 
     python benchmarks/bench_models_cpu.py [--models unified_swin_tiny ...] [--modes eager compile bf16]
@@ -88,20 +88,25 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
+def _best_of(fn, repeats: int) -> float:
+    fn()  # warm-up (compiles under torch.compile; settles the allocator for this model)
+    return min(_seconds(fn) for _ in range(repeats))
+
+
 def time_against_yardstick(name: str, yardstick: _Steps, mode: str, batch: int, size: int, repeats: int) -> dict:
-    """Best-of-`repeats` seconds of `name`'s eval forward and training step, after a warm-up, each round
-    followed by the same step of the yardstick: both see the same machine load, so their ratio is robust
-    on a shared machine (a yardstick timed once per run drifts with the load)."""
+    """Best-of-`repeats` seconds of `name`'s eval forward and training step after a warm-up, with the
+    yardstick's same step timed the same way right before and right after (the mean of the two, which
+    cancels a load that drifts linearly): the two see the same load of a shared machine, so their ratio
+    is robust (a yardstick timed once per run drifts with the load). Steps are not alternated one by one:
+    each model's allocations would then reshape the other's heap (glibc reuses freed memory below its mmap
+    threshold), which a training loop never sees."""
     steps = _Steps(name, mode, batch, size)
     row = dict(model=name, mode=mode)
     for phase in ("eval", "train"):
         own, base = (getattr(s, "eval_forward" if phase == "eval" else "train_step") for s in (steps, yardstick))
-        own()  # warm-up (compiles under torch.compile)
-        own_times, base_times = [], []
-        for _ in range(repeats):
-            own_times.append(_seconds(own))
-            base_times.append(_seconds(base))
-        row[f"{phase}_s"], row[f"yardstick_{phase}_s"] = min(own_times), min(base_times)
+        before = _best_of(base, repeats)
+        row[f"{phase}_s"] = _best_of(own, repeats)
+        row[f"yardstick_{phase}_s"] = (before + _best_of(base, repeats)) / 2
     return row
 
 
@@ -259,7 +264,7 @@ def main() -> None:
                 row = dict(model=name, mode=mode, error=f"{type(error).__name__}: {error}"[:300])
             print(json.dumps(row), flush=True)
             rows.append(row)
-        # the yardstick's own row: its best times over the whole mode (for the absolute figures)
+        # the yardstick's own row: its best times over the whole mode (for the absolute figures only)
         row = dict(model=YARDSTICK, mode=mode)
         if yard_times["eval"]:
             row.update(eval_s=min(yard_times["eval"]), train_s=min(yard_times["train"]))
@@ -279,7 +284,7 @@ def main() -> None:
             (results / "profiles" / f"{name}_train_step.txt").write_text(text)
     meta = dict(gemm_peak_gmacs_per_s=peak, machine=platform.processor() or platform.machine(), threads=2, batch=args.batch, size=args.size,
                 repeats=args.repeats, torch=torch.__version__,
-                note="ratio = model time / resnet50 time, the two timed in alternating rounds of one process run")
+                note="ratio = model time / resnet50 time, resnet50 timed right before and after each model in one process run")
     (results / "models_cpu.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     table = _table(rows, args.modes)
     table += ("\n\nGEMM ceiling (2048^3 matrix product, 2 threads): "

@@ -22,9 +22,9 @@ def test_bench_writes_ratios_against_the_yardstick(tmp_path):
         assert "error" not in row, row
         assert all(row[k] > 0 for k in ("eval_s", "train_s", "yardstick_eval_s", "yardstick_train_s"))
         # the yardstick's own row is its best time over the rounds it ran beside the models
-        assert by[("resnet50", mode)]["eval_s"] == row["yardstick_eval_s"]
+        assert by[("resnet50", mode)]["eval_s"] == row["yardstick_eval_s"]  # (one model: its only rounds)
     assert by[("unified_convnext_micro", "eager")]["train_peak_mib"] > 0
     table = (out / "models_cpu.md").read_text()
-    line = next(l for l in table.splitlines() if l.startswith("| unified_convnext_micro"))
+    line = next(row for row in table.splitlines() if row.startswith("| unified_convnext_micro"))
     eager = by[("unified_convnext_micro", "eager")]
     assert f"| {eager['eval_s'] / eager['yardstick_eval_s']:.2f} |" in line
