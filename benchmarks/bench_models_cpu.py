@@ -8,7 +8,7 @@ training step is the peak resident-memory increase of a fresh process over one e
 All timings come from this one process, and the yardstick is timed right before and right after each
 model, so each ratio compares steps taken under the same load of a shared, noisy machine; only the
 peak-memory reading uses a fresh child process per model.
-Writes benchmarks/results/models_cpu.{json,md}.
+Writes benchmarks/results/models_cpu.{json,md} and profiles/ (eager eval forward and training step per model).
 
     python benchmarks/bench_models_cpu.py [--models unified_swin_tiny ...] [--modes eager compile bf16]
 """
@@ -139,18 +139,52 @@ def gemm_peak_gmacs(threads: int = 2) -> dict:
     return rates
 
 
-def profile_train_step(name: str, batch: int, size: int, rows: int = 15) -> str:
-    """torch.profiler table (top `rows` operators by self CPU time) of one eager float32 training step."""
+# Operators doing the dense multiply-add work (GEMMs, oneDNN convolutions, fused attention) and their backward.
+DENSE_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
+             "aten::convolution_backward", "aten::_scaled_dot_product_flash_attention_for_cpu",
+             "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def profile_step(name: str, phase: str, batch: int, size: int, rows: int = 15) -> dict:
+    """torch.profiler view of one eager float32 eval forward (`phase="eval"`) or training step: the table
+    of the top `rows` operators by self CPU time, the step's total self time and that of `DENSE_OPS`."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    model = _build(name).train()
+    model = _build(name).train(phase == "train")
     image = torch.randn(batch, 3, size, size)
-    model(image).sum().backward()  # warm-up
-    model.zero_grad(set_to_none=True)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+
+    def step():
+        if phase == "eval":
+            with torch.no_grad():
+                model(image)
+            return
         model(image).sum().backward()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+        model.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    return dict(table=events.table(sort_by="self_cpu_time_total", row_limit=rows),
+                total_ms=sum(e.self_cpu_time_total for e in events) / 1e3,
+                dense_ms=sum(e.self_cpu_time_total for e in events if e.key in DENSE_OPS) / 1e3)
+
+
+def _dense_table(profiles: dict) -> str:
+    """Per model and phase: the dense-op time of its profiled eager step, its share of the step, and that
+    time over resnet50's whole profiled step: the ratio the model would reach if everything else were free."""
+    base = profiles[YARDSTICK]
+    lines = ["| model | eval: dense-op ms (share) | eval: dense ms / rn50 eval | "
+             "train: dense-op ms (share) | train: dense ms / rn50 train |", "|---|---|---|---|---|"]
+    for name, phases in profiles.items():
+        cells = [name]
+        for phase in ("eval", "train"):
+            prof = phases[phase]
+            cells += [f"{prof['dense_ms']:.0f} ({prof['dense_ms'] / prof['total_ms']:.0%})",
+                      f"{prof['dense_ms'] / base[phase]['total_ms']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def peak_train_memory_mib(name: str, mode: str, batch: int, size: int) -> float:
@@ -239,7 +273,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where the JSON, table and profiles go")
     parser.add_argument("--profiles", action=argparse.BooleanOptionalAction, default=True,
-                        help="write torch.profiler tables of each eager training step to results/profiles/")
+                        help="profile each eager eval forward and training step (tables in results/profiles/)")
     args = parser.parse_args()
     import torch
 
@@ -277,18 +311,25 @@ def main() -> None:
     results = args.results_dir
     results.mkdir(parents=True, exist_ok=True)
     peak = gemm_peak_gmacs()
+    profiles = {}
     if args.profiles:
         (results / "profiles").mkdir(exist_ok=True)
         for name in [YARDSTICK, *args.models]:
-            text = profile_train_step(name, args.batch, args.size)
-            (results / "profiles" / f"{name}_train_step.txt").write_text(text)
+            profiles[name] = {}
+            for phase, suffix in (("eval", "eval_forward"), ("train", "train_step")):
+                prof = profile_step(name, phase, args.batch, args.size)
+                (results / "profiles" / f"{name}_{suffix}.txt").write_text(prof.pop("table"))
+                profiles[name][phase] = prof
     meta = dict(gemm_peak_gmacs_per_s=peak, machine=platform.processor() or platform.machine(), threads=2, batch=args.batch, size=args.size,
                 repeats=args.repeats, torch=torch.__version__,
                 note="ratio = model time / resnet50 time, resnet50 timed right before and after each model in one process run")
-    (results / "models_cpu.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    (results / "models_cpu.json").write_text(json.dumps(dict(meta=meta, rows=rows, profiles=profiles), indent=2))
     table = _table(rows, args.modes)
     table += ("\n\nGEMM ceiling (2048^3 matrix product, 2 threads): "
               f"{peak['float32']:.0f} GMAC/s float32, {peak['bfloat16']:.0f} GMAC/s bfloat16.")
+    if profiles:
+        table += ("\n\nDense work (GEMMs, convolutions, fused attention: `DENSE_OPS`) in one profiled eager "
+                  "float32 step (torch.profiler self CPU time; profiles/):\n\n" + _dense_table(profiles))
     (results / "models_cpu.md").write_text(table + "\n")
     print(table)
 

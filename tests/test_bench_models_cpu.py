@@ -12,9 +12,10 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_models_cpu.p
 def test_bench_writes_ratios_against_the_yardstick(tmp_path):
     out = tmp_path / "results"
     subprocess.run([sys.executable, str(BENCH), "--models", "unified_convnext_micro", "--modes", "eager", "bf16",
-                    "--size", "64", "--batch", "1", "--repeats", "1", "--no-profiles", "--results-dir", str(out)],
+                    "--size", "64", "--batch", "1", "--repeats", "1", "--results-dir", str(out)],
                    check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
-    rows = json.loads((out / "models_cpu.json").read_text())["rows"]
+    results = json.loads((out / "models_cpu.json").read_text())
+    rows = results["rows"]
     by = {(r["model"], r["mode"]): r for r in rows}
     assert set(by) == {(m, mode) for m in ("unified_convnext_micro", "resnet50") for mode in ("eager", "bf16")}
     for mode in ("eager", "bf16"):
@@ -28,3 +29,10 @@ def test_bench_writes_ratios_against_the_yardstick(tmp_path):
     line = next(row for row in table.splitlines() if row.startswith("| unified_convnext_micro"))
     eager = by[("unified_convnext_micro", "eager")]
     assert f"| {eager['eval_s'] / eager['yardstick_eval_s']:.2f} |" in line
+    # profiles: dense work (GEMMs, convolutions) is part of every step, never more than the whole
+    for name in ("unified_convnext_micro", "resnet50"):
+        for phase, suffix in (("eval", "eval_forward"), ("train", "train_step")):
+            prof = results["profiles"][name][phase]
+            assert 0 < prof["dense_ms"] < prof["total_ms"]
+            assert "aten::" in (out / "profiles" / f"{name}_{suffix}.txt").read_text()
+    assert "| unified_convnext_micro | " in table.split("Dense work")[1]
