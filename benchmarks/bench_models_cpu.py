@@ -81,6 +81,10 @@ class _Steps:
         out.float().sum().backward()
         self.model.zero_grad(set_to_none=True)
 
+    def step(self, phase: str):
+        """The eval forward (`phase="eval"`) or the training step (`"train"`)."""
+        return self.eval_forward if phase == "eval" else self.train_step
+
 
 def _seconds(fn) -> float:
     start = time.perf_counter()
@@ -103,7 +107,7 @@ def time_against_yardstick(name: str, yardstick: _Steps, mode: str, batch: int, 
     steps = _Steps(name, mode, batch, size)
     row = dict(model=name, mode=mode)
     for phase in ("eval", "train"):
-        own, base = (getattr(s, "eval_forward" if phase == "eval" else "train_step") for s in (steps, yardstick))
+        own, base = steps.step(phase), yardstick.step(phase)
         before = _best_of(base, repeats)
         row[f"{phase}_s"] = _best_of(own, repeats)
         row[f"yardstick_{phase}_s"] = (before + _best_of(base, repeats)) / 2
@@ -129,12 +133,7 @@ def gemm_peak_gmacs(threads: int = 2) -> dict:
     rates = {}
     for dtype in (torch.float32, torch.bfloat16):
         a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-        a @ b
-        best = float("inf")
-        for _ in range(5):
-            start = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - start)
+        best = _best_of(lambda: a @ b, 5)  # noqa: B023 - called right here, in this iteration
         rates[str(dtype).removeprefix("torch.")] = 2048 ** 3 / best / 1e9
     return rates
 
@@ -148,20 +147,9 @@ DENSE_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::badd
 def profile_step(name: str, phase: str, batch: int, size: int, rows: int = 15) -> dict:
     """torch.profiler view of one eager float32 eval forward (`phase="eval"`) or training step: the table
     of the top `rows` operators by self CPU time, the step's total self time and that of `DENSE_OPS`."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    model = _build(name).train(phase == "train")
-    image = torch.randn(batch, 3, size, size)
-
-    def step():
-        if phase == "eval":
-            with torch.no_grad():
-                model(image)
-            return
-        model(image).sum().backward()
-        model.zero_grad(set_to_none=True)
-
+    step = _Steps(name, "eager", batch, size).step(phase)
     step()  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
@@ -213,6 +201,12 @@ def peak_train_memory_mib(name: str, mode: str, batch: int, size: int) -> float:
     if result.returncode != 0:
         raise RuntimeError(f"peak-memory child for {name} failed: {result.stderr[-500:]}")
     return float(result.stdout.strip().splitlines()[-1])
+
+
+def _work_and_memory(name: str, batch: int, size: int) -> dict:
+    """The eager row's extras: batch, multiply-adds per image and the training step's peak memory."""
+    return dict(batch=batch, gmacs=forward_gmacs(name, size),
+                train_peak_mib=peak_train_memory_mib(name, "eager", batch, size))
 
 
 def _rate_cells(row: dict) -> list[str]:
@@ -283,8 +277,7 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = 64
     rows = []
     for mode in args.modes:
-        yardstick = _Steps(YARDSTICK, mode, args.batch, args.size)
-        yardstick.eval_forward(), yardstick.train_step()  # warm-up (compiles under torch.compile)
+        yardstick = _Steps(YARDSTICK, mode, args.batch, args.size)  # warmed up (and compiled) by _best_of
         yard_times = dict(eval=[], train=[])
         for name in args.models:
             try:
@@ -292,8 +285,7 @@ def main() -> None:
                 yard_times["eval"].append(row["yardstick_eval_s"])
                 yard_times["train"].append(row["yardstick_train_s"])
                 if mode == "eager":
-                    row.update(batch=args.batch, gmacs=forward_gmacs(name, args.size),
-                               train_peak_mib=peak_train_memory_mib(name, mode, args.batch, args.size))
+                    row.update(_work_and_memory(name, args.batch, args.size))
             except Exception as error:  # noqa: BLE001 - a failing model is reported, not fatal
                 row = dict(model=name, mode=mode, error=f"{type(error).__name__}: {error}"[:300])
             print(json.dumps(row), flush=True)
@@ -303,8 +295,7 @@ def main() -> None:
         if yard_times["eval"]:
             row.update(eval_s=min(yard_times["eval"]), train_s=min(yard_times["train"]))
         if mode == "eager":
-            row.update(batch=args.batch, gmacs=forward_gmacs(YARDSTICK, args.size),
-                       train_peak_mib=peak_train_memory_mib(YARDSTICK, mode, args.batch, args.size))
+            row.update(_work_and_memory(YARDSTICK, args.batch, args.size))
         print(json.dumps(row), flush=True)
         rows.append(row)
         del yardstick
