@@ -8,6 +8,12 @@
     python apps/detection/train_net.py --config-file ... --eval-only MODEL.WEIGHTS OUTPUT_DIR/model_final.pth
     python apps/detection/train_net.py --config-file ... --register-coco mine_train ann/train.json img/train \
         --register-coco mine_val ann/val.json img/val DATASETS.TRAIN '("mine_train",)' DATASETS.TEST '("mine_val",)'
+    python apps/detection/train_net.py --config-file apps/detection/configs/lazy/mask_rcnn_unified_convnext_micro_fpn_1x_coco.py \
+        train.max_iter=1000                                                      # a LazyConfig, key=value overrides
+
+Checkpoints are written atomically and --resume falls back past a damaged one (stm_det.checkpoint). User
+mistakes (missing config file, unknown key or model name, bad dataset, nothing to resume from) end with
+`ERROR: ...` on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -22,11 +28,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import detectron2.utils.comm as comm  # noqa: E402
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
 
-from stm_det import add_unified_config  # noqa: E402  (also registers the backbones)
+from stm_det.checkpoint import AtomicCheckpointer, CheckpointError, atomic_write_text  # noqa: E402
+from stm_det.config import ConfigError, load_config  # noqa: E402  (importing stm_det registers the backbones)
 from stm_det.data import DatasetError, check_num_classes, prepare_datasets  # noqa: E402
 from stm_det.trainer import Trainer  # noqa: E402
 from stm_det.visualize import visualize_predictions  # noqa: E402
@@ -43,11 +49,18 @@ def argument_parser():
     return parser
 
 
+UsageError = ConfigError  # a mistake in the command line or the config: `ERROR: ...`, exit status 2
+
+
+def check_config_file(path: str) -> None:
+    if not path:
+        raise UsageError("--config-file is required (e.g. apps/detection/configs/demo_shapes_unified_convnext_micro.yaml)")
+    if not os.path.isfile(path):
+        raise UsageError(f"--config-file {path}: file not found")
+
+
 def setup(args):
-    cfg = get_cfg()
-    add_unified_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     # Training needs DATASETS.TRAIN and TEST; evaluation only TEST.
     used = list(cfg.DATASETS.TEST) if args.eval_only else list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     registered = prepare_datasets(cfg, args.register_coco, used)
@@ -69,6 +82,8 @@ def setup(args):
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     default_setup(cfg, args)
+    # The app's own warnings (skipped images, checkpoint fallbacks) in the console and OUTPUT_DIR/log.txt too.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="stm_det", abbrev_name="stm_det")
     return cfg
 
 
@@ -81,19 +96,18 @@ def visualize(cfg, model):
                               os.path.join(cfg.OUTPUT_DIR, f"predictions_{name}.png"), cfg.TEST.VIS_SCORE_THRESH)
 
 
-def main(args):
-    try:
-        cfg = setup(args)
-    except DatasetError as e:
-        raise SystemExit(f"error: {e}") from None
+def run(args):
+    if args.config_file.endswith(".py"):
+        from stm_det import lazy
 
+        return lazy.main(args)
+    cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
-            with open(os.path.join(cfg.OUTPUT_DIR, "eval_results.json"), "w") as f:
-                json.dump(res, f, indent=2)
+            atomic_write_text(json.dumps(res, indent=2), os.path.join(cfg.OUTPUT_DIR, "eval_results.json"))
         visualize(cfg, model)
         return res
 
@@ -104,8 +118,27 @@ def main(args):
     return res
 
 
+def main(args):
+    """One process's work; user mistakes (bad config, dataset, checkpoint) end it with `ERROR: ...`
+    on stderr and exit status 2, without a traceback."""
+    try:
+        return run(args)
+    except (UsageError, DatasetError, CheckpointError) as e:
+        message = str(e)
+        marker = f"{type(e).__name__}: "  # the traceback's last lines: "stm_det.data.TooManyBadImages: ..."
+        if "Original Traceback" in message and marker in message:  # re-raised from a data-loader worker
+            message = message[message.rindex(marker) + len(marker):]
+        print(f"ERROR: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
     args = argument_parser().parse_args()
+    try:
+        check_config_file(args.config_file)
+    except UsageError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        sys.exit(2)
     print("Command Line Args:", args)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))

@@ -8,6 +8,25 @@ from __future__ import annotations
 
 from detectron2.config import CfgNode as CN
 
+
+class ConfigError(ValueError):
+    """A mistake in a config or its command-line overrides; the apps print it as `ERROR: ...` (exit 2)."""
+
+
+def check_model_name(name: str) -> None:
+    """MODEL.UNIFIED.NAME (or a LazyConfig's ``bottom_up.name``) must be a model of
+    ``stm_backbones.list_models()``; the error names the closest ones."""
+    import difflib
+
+    import stm_backbones
+
+    available = stm_backbones.list_models()
+    if name not in available:
+        close = difflib.get_close_matches(str(name), available, n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise ConfigError(f"MODEL.UNIFIED.NAME {name!r} is not a registered model; {hint}"
+                          f"available: {', '.join(available)}")
+
 # Substrings of full parameter names (e.g. "backbone.bottom_up.body.stages.0.0.norm1.weight") that
 # get weight decay 0. The issue asks for no decay on norms, position embeddings and relative position
 # tables: "norm" catches every LayerNorm of the trunks (norm1/norm2, dw_norm, pw_norm, out_norm_*,
@@ -58,9 +77,49 @@ def add_unified_config(cfg: CN) -> None:
     # do not contain "norm" and were decayed.
     cfg.SOLVER.NO_DECAY_NORM_LAYERS = False
 
+    # Keep the best model by an evaluation metric: METRIC names a key of the evaluation results as they
+    # appear in metrics.json (e.g. "bbox/AP", "segm/AP50"); "" disables it. After each evaluation
+    # (TEST.EVAL_PERIOD and the end) a better value writes OUTPUT_DIR/model_best.pth (detectron2's
+    # BestCheckpointer). MODE "max" or "min".
+    cfg.SOLVER.BEST_CHECKPOINT = CN()
+    cfg.SOLVER.BEST_CHECKPOINT.METRIC = ""
+    cfg.SOLVER.BEST_CHECKPOINT.MODE = "max"
+
+    # Training images that cannot be decoded are skipped with a warning naming them; more than this many
+    # distinct bad files (per data-loader process) stop training with an error listing them.
+    cfg.DATALOADER.MAX_BAD_IMAGES = 10
+
     # Iterations between two lines of the console/JSON/TensorBoard writers (detectron2 hard-codes 20).
     cfg.LOG_PERIOD = 20
     # Number of TEST datasets' images drawn (predictions: boxes + masks) into
     # OUTPUT_DIR/predictions_<dataset>.png after training or evaluation; 0 disables it.
     cfg.TEST.VIS_IMAGES = 0
     cfg.TEST.VIS_SCORE_THRESH = 0.5
+
+
+def load_config(config_file: str, opts=()):
+    """A detectron2 yacs config with the app's keys: `config_file` merged, then the command-line `opts`
+    (KEY VALUE pairs), then checked (model name, BestCheckpointer mode). Has no side effects, so a mistake
+    stops a command before it writes anything; every mistake is a :class:`ConfigError`."""
+    import os
+
+    from detectron2.config import get_cfg
+
+    if not config_file:
+        raise ConfigError("--config-file is required (e.g. apps/detection/configs/demo_shapes_unified_convnext_micro.yaml)")
+    if not os.path.isfile(config_file):
+        raise ConfigError(f"--config-file {config_file}: file not found")
+    cfg = get_cfg()
+    add_unified_config(cfg)
+    try:
+        cfg.merge_from_file(config_file)
+        cfg.merge_from_list(list(opts or []))
+    except (KeyError, ValueError, AssertionError, TypeError) as e:
+        where = f"{config_file} with the command-line options" if opts else config_file
+        raise ConfigError(f"config {where}: {str(e).strip(chr(39))}") from None
+    if cfg.MODEL.BACKBONE.NAME in ("build_unified_fpn_backbone", "build_unified_backbone"):
+        check_model_name(cfg.MODEL.UNIFIED.NAME)
+    if cfg.SOLVER.BEST_CHECKPOINT.MODE not in ("max", "min"):
+        raise ConfigError(f"SOLVER.BEST_CHECKPOINT.MODE must be max or min, got {cfg.SOLVER.BEST_CHECKPOINT.MODE!r}")
+    return cfg
+

@@ -89,23 +89,32 @@ def validate_coco_json(json_file: str, image_root: str, check_images: bool = Tru
     if not data["categories"]:
         problems.append("'categories' is empty")
 
-    images = {}
+    images, image_index = {}, {}
     for i, im in enumerate(data["images"]):
         if not isinstance(im, dict) or not _is_int(im.get("id")) or not isinstance(im.get("file_name"), str):
             problems.append(f"images[{i}]: needs an integer 'id' and a string 'file_name', got {im!r:.100}")
         elif not all(_is_int(im.get(k)) and im[k] > 0 for k in ("height", "width")):
             problems.append(f"images[{i}] ({im['file_name']}): needs positive integer 'height' and 'width'")
         elif im["id"] in images:
-            problems.append(f"images[{i}]: duplicate id {im['id']}")
+            problems.append(f"images[{i}] ({im['file_name']}): duplicate id {im['id']} (also the id of "
+                            f"images[{image_index[im['id']]}], {images[im['id']]['file_name']})")
         else:
             images[im["id"]] = im
+            image_index[im["id"]] = i
         if len(problems) >= max_problems:
             fail(problems)
 
+    ann_ids: dict[int, int] = {}  # id -> index of its first annotation
     for i, a in enumerate(data["annotations"]):
         p = None
         if not isinstance(a, dict):
             p = f"is a {type(a).__name__}, expected an object"
+        elif "id" not in a:
+            p = "has no 'id' (every annotation needs a unique integer id)"
+        elif not _is_int(a["id"]):
+            p = f"'id' must be an integer, got {a['id']!r:.40}"
+        elif a["id"] in ann_ids:
+            p = f"duplicate id {a['id']} (also the id of annotations[{ann_ids[a['id']]}])"
         elif a.get("image_id") not in images:
             p = f"image_id {a.get('image_id')!r} is not the id of any image"
         elif a.get("category_id") not in cat_ids:
@@ -123,6 +132,8 @@ def validate_coco_json(json_file: str, image_root: str, check_images: bool = Tru
                     p = "an RLE segmentation needs 'counts' and 'size' [height, width]"
             else:
                 p = f"segmentation must be a list of polygons or an RLE object, got {type(seg).__name__}"
+        if isinstance(a, dict) and _is_int(a.get("id")):
+            ann_ids.setdefault(a["id"], i)
         if p:
             problems.append(f"annotations[{i}]: {p}")
             if len(problems) >= max_problems:
@@ -136,7 +147,57 @@ def validate_coco_json(json_file: str, image_root: str, check_images: bool = Tru
         if missing:
             raise DatasetError(f"{json_file}: {len(missing)} of {len(images)} images are missing under "
                                f"{image_root}, e.g. {', '.join(missing[:3])}")
+        check_image_sizes(json_file, image_root, images.values(), max_problems)
     return data
+
+
+# EXIF orientations that detectron2's read_image (ImageOps.exif_transpose) turns by 90 degrees.
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def image_size_from_header(path: str) -> tuple[int, int]:
+    """(height, width) of an image as detectron2 will load it, from the file header only (PIL opens
+    lazily and decodes no pixels): the stored size, swapped when the EXIF orientation rotates by 90
+    degrees. Raises OSError / SyntaxError for a file PIL cannot identify."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        width, height = img.size
+        try:
+            orientation = img.getexif().get(_EXIF_ORIENTATION)
+        except Exception:  # a broken EXIF block: detectron2 ignores it too
+            orientation = None
+    if orientation in _TRANSPOSED_ORIENTATIONS:
+        width, height = height, width
+    return height, width
+
+
+def check_image_sizes(json_file: str, image_root: str, images: Iterable[dict], max_problems: int = 5) -> None:
+    """Every image's real size must match the json's height/width (detectron2 otherwise stops in the
+    middle of training with a SizeMismatchError). Only headers are read, so this stays fast on large
+    sets. A file whose header cannot be read at all is reported with a warning here and skipped during
+    training (see :class:`SkipBadImages`)."""
+    mismatched, unreadable = [], []
+    for im in images:
+        path = os.path.join(image_root, im["file_name"])
+        try:
+            height, width = image_size_from_header(path)
+        except (OSError, SyntaxError) as e:
+            unreadable.append(f"{path} ({type(e).__name__}: {e})")
+            continue
+        if (height, width) != (im["height"], im["width"]):
+            mismatched.append(f"{im['file_name']} (id {im['id']}): the json says height {im['height']} width "
+                              f"{im['width']}, the file is {height} x {width}")
+            if len(mismatched) >= max_problems:
+                break
+    if unreadable:
+        logger.warning("%s: %d image(s) cannot be read and will be skipped in training: %s", json_file,
+                       len(unreadable), "; ".join(unreadable[:5]))
+    if mismatched:
+        more = f" (first {max_problems} shown)" if len(mismatched) >= max_problems else ""
+        raise DatasetError(f"{json_file}: image sizes differ from the json's height/width{more}:\n  "
+                           + "\n  ".join(mismatched))
 
 
 def coco_category_metadata(data: dict) -> dict:
@@ -164,9 +225,49 @@ def register_coco(name: str, json_file: str, image_root: str, check_images: bool
         raise DatasetError(f"dataset name {name!r} is already registered (with other files); pick another name")
     data = validate_coco_json(json_file, image_root, check_images=check_images)
     register_coco_instances(name, coco_category_metadata(data), json_file, image_root)
+    # Read by the trainer to pick the evaluation tasks: a set without segmentations is evaluated on boxes only.
+    MetadataCatalog.get(name).set(has_masks=any(a.get("segmentation") for a in data["annotations"]))
     logger.info("Registered %s: %d images, %d annotations, %d categories (%s)", name, len(data["images"]),
                 len(data["annotations"]), len(data["categories"]), json_file)
     return len(data["categories"])
+
+
+# --------------------------------------------------------------------------------------------
+# Corrupt images during training
+# --------------------------------------------------------------------------------------------
+
+class TooManyBadImages(DatasetError):
+    """More unreadable training images than DATALOADER.MAX_BAD_IMAGES allows."""
+
+
+class SkipBadImages:
+    """Wraps a training mapper (e.g. ``DatasetMapper``): an image that cannot be decoded (truncated,
+    corrupt, unreadable) is skipped with a warning naming the file, and detectron2's ``MapDataset``
+    draws another sample in its place. More than `max_bad` distinct bad files stop training with
+    :class:`TooManyBadImages`, so that a broken dataset is not silently trained on a fraction of
+    itself. Counts are per data-loader process (each worker holds its own copy)."""
+
+    def __init__(self, mapper, max_bad: int = 10):
+        self.mapper = mapper
+        self.max_bad = int(max_bad)
+        self.bad_files: dict[str, str] = {}
+
+    def __call__(self, dataset_dict):
+        try:
+            return self.mapper(dataset_dict)
+        except (OSError, SyntaxError) as e:  # PIL: OSError (truncated, unidentified), SyntaxError (broken PNG)
+            file_name = dataset_dict.get("file_name", "<unknown file>")
+            if file_name not in self.bad_files:
+                self.bad_files[file_name] = f"{type(e).__name__}: {e}"
+                logger.warning("Skipping unreadable training image %s (%s: %s); %d bad so far, at most %d allowed "
+                               "(DATALOADER.MAX_BAD_IMAGES)", file_name, type(e).__name__, e, len(self.bad_files),
+                               self.max_bad)
+            if len(self.bad_files) > self.max_bad:
+                shown = "\n  ".join(f"{f}: {why}" for f, why in list(self.bad_files.items())[:10])
+                raise TooManyBadImages(f"{len(self.bad_files)} training image(s) could not be read, more than "
+                                       f"DATALOADER.MAX_BAD_IMAGES = {self.max_bad}:\n  {shown}\nFix or remove them "
+                                       "from the annotation file, or raise DATALOADER.MAX_BAD_IMAGES") from None
+            return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,7 +375,7 @@ def register_shapes() -> None:
 
         DatasetCatalog.register(name, load)
         MetadataCatalog.get(name).set(
-            json_file=json_file, image_root=image_root, evaluator_type="coco",
+            json_file=json_file, image_root=image_root, evaluator_type="coco", has_masks=True,
             thing_classes=list(SHAPES_CLASSES),
             thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(SHAPES_CLASSES))},
         )

@@ -1,16 +1,22 @@
 """DefaultTrainer with the recipe's optimizer (AdamW, no decay on norms / position embeddings /
-relative position tables) and COCO evaluation."""
+relative position tables), evaluators chosen by dataset type, and crash-safe checkpoints."""
 
 from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Sequence
 
+import detectron2.utils.comm as comm
 import torch
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator
 from detectron2.solver.build import maybe_add_gradient_clipping
+from fvcore.nn.precise_bn import get_bn_modules
+
+from .checkpoint import AtomicCheckpointer
+from .data import DatasetError, SkipBadImages
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +75,77 @@ def _coco_fast_eval_available() -> bool:
     return hasattr(_C, "COCOevalEvaluateImages") and hasattr(_C, "COCOevalAccumulate")
 
 
+def evaluation_tasks(dataset_name: str, mask_on: bool = True, keypoint_on: bool = False) -> tuple[str, ...]:
+    """COCO tasks for a dataset: boxes always; masks when the model predicts them and the dataset has
+    them (metadata ``has_masks``, set at registration; detectron2's builtin COCO sets have masks);
+    keypoints likewise (metadata ``keypoint_names``)."""
+    from detectron2.data import MetadataCatalog
+
+    meta = MetadataCatalog.get(dataset_name)
+    tasks = ["bbox"]
+    if mask_on and getattr(meta, "has_masks", True):
+        tasks.append("segm")
+    if keypoint_on and getattr(meta, "keypoint_names", None):
+        tasks.append("keypoints")
+    return tuple(tasks)
+
+
+def evaluator_for_dataset(dataset_name: str, output_folder: str, mask_on: bool = True, keypoint_on: bool = False,
+                          max_dets_per_image: int = 100):
+    """The evaluator that fits the dataset's ``evaluator_type`` metadata (detectron2's convention):
+    COCO-format sets (``coco``, also the default for sets registered without a type) get COCO AP on
+    :func:`evaluation_tasks`; ``lvis``, ``pascal_voc`` and ``cityscapes_instance`` get their own
+    evaluator. Other types raise a DatasetError naming the dataset and its type."""
+    from detectron2.data import MetadataCatalog
+
+    meta = MetadataCatalog.get(dataset_name)
+    kind = getattr(meta, "evaluator_type", "coco")
+    tasks = evaluation_tasks(dataset_name, mask_on, keypoint_on)
+    if kind == "coco":
+        return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder, max_dets_per_image=max_dets_per_image,
+                             use_fast_impl=_coco_fast_eval_available())
+    if kind == "lvis":
+        from detectron2.evaluation import LVISEvaluator
+
+        return LVISEvaluator(dataset_name, tasks=tasks, output_dir=output_folder, max_dets_per_image=max_dets_per_image)
+    if kind == "pascal_voc":
+        from detectron2.evaluation import PascalVOCDetectionEvaluator
+
+        return PascalVOCDetectionEvaluator(dataset_name)
+    if kind == "cityscapes_instance":
+        from detectron2.evaluation import CityscapesInstanceEvaluator
+
+        return CityscapesInstanceEvaluator(dataset_name)
+    raise DatasetError(f"dataset {dataset_name!r} has evaluator_type {kind!r}; an instance detector is evaluated "
+                       "here on coco, lvis, pascal_voc or cityscapes_instance sets")
+
+
+def build_evaluator(cfg, dataset_name: str, output_folder: str | None = None):
+    """:func:`evaluator_for_dataset` with the settings of a yacs config."""
+    if output_folder is None:
+        output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+    return evaluator_for_dataset(dataset_name, output_folder, mask_on=cfg.MODEL.MASK_ON,
+                                 keypoint_on=cfg.MODEL.KEYPOINT_ON, max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+
+
+class _NoTracebackForDataErrors(logging.Filter):
+    """detectron2's training loop logs any exception with its traceback before re-raising it. A problem of
+    the user's data (DatasetError, e.g. too many unreadable images) is reported once, as `ERROR: ...` by
+    train_net.py, so its traceback record is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], DatasetError))
+
+
+logging.getLogger("detectron2.engine.train_loop").addFilter(_NoTracebackForDataErrors())
+
+
 class Trainer(DefaultTrainer):
+    """``DefaultTrainer`` with the recipe's optimizer, evaluators chosen by dataset type, crash-safe
+    checkpoints (:class:`~stm_det.checkpoint.AtomicCheckpointer`), training that skips unreadable
+    images (:class:`~stm_det.data.SkipBadImages`), the log period from ``LOG_PERIOD`` and an optional
+    ``BestCheckpointer`` (``SOLVER.BEST_CHECKPOINT.METRIC``)."""
+
     @classmethod
     def build_optimizer(cls, cfg, model):
         optimizer = build_optimizer(cfg, model)
@@ -78,16 +154,52 @@ class Trainer(DefaultTrainer):
         return optimizer
 
     @classmethod
+    def build_train_loader(cls, cfg):
+        from detectron2.data import DatasetMapper, build_detection_train_loader
+
+        mapper = SkipBadImages(DatasetMapper(cfg, is_train=True), cfg.DATALOADER.MAX_BAD_IMAGES)
+        return build_detection_train_loader(cfg, mapper=mapper)
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        if output_folder is None:
-            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
-        return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder,
-                             max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE, use_fast_impl=_coco_fast_eval_available())
+        return build_evaluator(cfg, dataset_name, output_folder)
 
     def build_hooks(self):
-        ret = super().build_hooks()
-        for h in ret:  # detectron2 writes every 20 iterations; make it configurable (recipe: 50)
-            if isinstance(h, hooks.PeriodicWriter):
-                h._period = self.cfg.LOG_PERIOD
+        """detectron2's default hooks, built here so that each takes its settings through its constructor:
+        the checkpointer is an AtomicCheckpointer, the writers run every LOG_PERIOD iterations, and a
+        BestCheckpointer follows the evaluation when SOLVER.BEST_CHECKPOINT.METRIC is set."""
+        cfg = self.cfg
+        # Called at the end of DefaultTrainer.__init__, which has just built a plain DetectionCheckpointer
+        # with the same arguments: replace it before any hook holds it.
+        self.checkpointer = AtomicCheckpointer(self.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        ret = [hooks.IterationTimer(), hooks.LRScheduler()]
+        if cfg.TEST.PRECISE_BN.ENABLED and get_bn_modules(self.model):
+            precise_cfg = cfg.clone()
+            precise_cfg.defrost()
+            precise_cfg.DATALOADER.NUM_WORKERS = 0
+            ret.append(hooks.PreciseBN(cfg.TEST.EVAL_PERIOD, self.model, self.build_train_loader(precise_cfg),
+                                       cfg.TEST.PRECISE_BN.NUM_ITER))
+        if comm.is_main_process():
+            ret.append(hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
+
+        def test_and_save_results():
+            self._last_eval_results = self.test(self.cfg, self.model)
+            return self._last_eval_results
+
+        ret.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, test_and_save_results))
+        best = cfg.SOLVER.BEST_CHECKPOINT
+        if best.METRIC and comm.is_main_process():
+            # After EvalHook, whose results it reads from the event storage; writes model_best.pth.
+            ret.append(hooks.BestCheckpointer(cfg.TEST.EVAL_PERIOD, self.checkpointer, best.METRIC, mode=best.MODE))
+        if comm.is_main_process():
+            ret.append(hooks.PeriodicWriter(self.build_writers(), period=cfg.LOG_PERIOD))
         return ret
+
+    def resume_or_load(self, resume=True):
+        """detectron2's resume (falling back past corrupt checkpoints, see AtomicCheckpointer); when the
+        checkpoint resumed from is the last iteration, also make sure that ``model_final.pth`` holds that
+        iteration and loads, rewriting it from the loaded state otherwise (a kill while it was written
+        leaves the previous or no file, and training would not run again to rewrite it)."""
+        super().resume_or_load(resume=resume)
+        if resume and self.start_iter >= self.max_iter and comm.is_main_process():
+            self.checkpointer.ensure_final(self.iter)

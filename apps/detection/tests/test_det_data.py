@@ -50,6 +50,10 @@ def test_valid_set_passes(tmp_path):
     ("bad_segmentation", r"annotations\[0\]: segmentation must be"),
     ("bad_image", r"images\[0\] \(a.png\): needs positive integer 'height' and 'width'"),
     ("missing_image_file", "1 of 1 images are missing under"),
+    ("missing_ann_id", r"annotations\[0\]: has no 'id'"),
+    ("duplicate_ann_id", r"annotations\[1\]: duplicate id 1 \(also the id of annotations\[0\]\)"),
+    ("duplicate_image_id", r"images\[1\] \(b.png\): duplicate id 1 \(also the id of images\[0\], a.png\)"),
+    ("size_mismatch", r"image sizes differ.*\n  a.png \(id 1\): the json says height 40 width 40, the file is 30 x 40"),
 ])
 def test_validation_errors(tmp_path, case, pattern):
     json_file, root = _tiny_coco(tmp_path)
@@ -76,7 +80,15 @@ def test_validation_errors(tmp_path, case, pattern):
         ann["images"][0]["height"] = 0
     elif case == "missing_image_file":
         os.remove(os.path.join(root, "a.png"))
-    if case in ("no_images_key", "bad_category", "bad_image_id", "bad_bbox", "bad_segmentation", "bad_image"):
+    elif case == "missing_ann_id":
+        del ann["annotations"][0]["id"]
+    elif case == "duplicate_ann_id":
+        ann["annotations"].append(dict(ann["annotations"][0]))
+    elif case == "duplicate_image_id":
+        ann["images"].append(dict(ann["images"][0], file_name="b.png"))
+    elif case == "size_mismatch":
+        ann["images"][0]["height"] = 40
+    if case not in ("no_json", "no_root", "bad_json", "list_top", "missing_image_file"):
         open(json_file, "w").write(json.dumps(ann))
     with pytest.raises(D.DatasetError, match=pattern) as e:
         D.validate_coco_json(json_file, root)
@@ -194,3 +206,165 @@ def test_train_net_setup_sets_num_classes_from_registered_json(tmp_path):
     args = train_net.argument_parser().parse_args(
         [*base, "OUTPUT_DIR", str(tmp_path / "b"), "MODEL.ROI_HEADS.NUM_CLASSES", "5"])
     assert train_net.setup(args).MODEL.ROI_HEADS.NUM_CLASSES == 5
+
+
+def _set_with_a_truncated_image(tmp_path, num_images=3, bad=(1,)):
+    """`num_images` noise PNGs of 64x48 with one box each; the images in `bad` are cut in half (the header
+    is intact, so the size check passes, but decoding fails as for a partly copied file)."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "images"
+    root.mkdir()
+    rng = np.random.RandomState(0)
+    images, annotations = [], []
+    for i in range(num_images):
+        path = root / f"{i}.png"
+        Image.fromarray(rng.randint(0, 255, (48, 64, 3), dtype=np.uint8)).save(path)
+        if i in bad:
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) // 2])
+        images.append({"id": i + 1, "file_name": f"{i}.png", "height": 48, "width": 64})
+        annotations.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [4, 4, 20, 16], "area": 320,
+                            "iscrowd": 0, "segmentation": [[4, 4, 24, 4, 24, 20, 4, 20]]})
+    json_file = tmp_path / "ann.json"
+    json_file.write_text(json.dumps({"images": images, "annotations": annotations,
+                                     "categories": [{"id": 1, "name": "thing"}]}))
+    return str(json_file), str(root)
+
+
+def test_truncated_training_image_is_skipped_and_named(tmp_path, caplog, monkeypatch):
+    """detectron2's train loader with the app's mapper: the truncated image never reaches a batch, a
+    warning names it once, and the other images keep coming (MapDataset draws a replacement)."""
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("stm_det"), "propagate", True)  # in case train_net set it up here
+
+    from stm_det.trainer import Trainer
+
+    json_file, root = _set_with_a_truncated_image(tmp_path)
+    D.register_coco("det_test_truncated", json_file, root)
+    cfg = load_cfg(DEMO_CONFIG, ["DATASETS.TRAIN", '("det_test_truncated",)', "DATALOADER.NUM_WORKERS", "0",
+                                 "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(48,)"])
+    with caplog.at_level(logging.WARNING, logger="stm_det.data"):
+        loader = iter(Trainer.build_train_loader(cfg))
+        seen = [d["file_name"] for _ in range(6) for d in next(loader)]
+    bad = os.path.join(root, "1.png")
+    assert len(seen) == 12 and bad not in seen and set(seen) == {os.path.join(root, f"{i}.png") for i in (0, 2)}
+    named = [r.getMessage() for r in caplog.records if bad in r.getMessage()]
+    assert len(named) == 1 and "Skipping unreadable training image" in named[0], named
+
+
+def test_too_many_bad_images_stop_with_a_list(tmp_path):
+    from detectron2.data import DatasetMapper
+
+    json_file, root = _set_with_a_truncated_image(tmp_path, bad=(0, 1))
+    D.register_coco("det_test_two_bad", json_file, root)
+    cfg = load_cfg(DEMO_CONFIG, ["INPUT.MIN_SIZE_TRAIN", "(48,)"])
+    from detectron2.data import DatasetCatalog
+
+    dicts = DatasetCatalog.get("det_test_two_bad")
+    mapper = D.SkipBadImages(DatasetMapper(cfg, is_train=True), max_bad=1)
+    assert mapper(dicts[0]) is None
+    assert mapper(dicts[0]) is None  # the same file again does not count twice
+    assert mapper(dicts[2])["image"].shape[1:] == (48, 64)
+    with pytest.raises(D.TooManyBadImages, match=r"2 training image\(s\) could not be read, more than "
+                       r"DATALOADER.MAX_BAD_IMAGES = 1:\n  .*0.png: OSError.*\n  .*1.png: OSError"):
+        mapper(dicts[1])
+
+
+def test_train_net_bad_image_cap_is_a_clear_error(tmp_path):
+    """With DATALOADER.MAX_BAD_IMAGES 0 the first unreadable image ends training: ERROR naming it, exit 2."""
+    json_file, root = _set_with_a_truncated_image(tmp_path, num_images=2, bad=(0, 1))
+    proc = run_train_net(["--config-file", DEMO_CONFIG, "--register-coco", "mine", json_file, root,
+                          "DATASETS.TRAIN", '("mine",)', "DATASETS.TEST", "()", "DATALOADER.NUM_WORKERS", "0",
+                          "DATALOADER.MAX_BAD_IMAGES", "0", "MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TRAIN", "(48,)",
+                          "OUTPUT_DIR", str(tmp_path / "out")], cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "ERROR: 1 training image(s) could not be read, more than DATALOADER.MAX_BAD_IMAGES = 0" in proc.stderr
+    assert os.path.join(root, "") in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+
+
+def _train_net_module():
+    import importlib.util
+
+    from det_test_utils import TRAIN_NET
+
+    spec = importlib.util.spec_from_file_location("stm_det_train_net", TRAIN_NET)
+    train_net = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_net)
+    return train_net
+
+
+@pytest.mark.parametrize("case", ["no_config", "unknown_model", "bad_key"])
+def test_train_net_usage_errors(tmp_path, capsys, case):
+    """Mistakes in the command line end with `ERROR: ...` and exit 2, before the config dump or any output
+    (train_net.main in this process, as launch() calls it with one GPU or on the CPU)."""
+    out = tmp_path / "out"
+    args = ["--config-file", str(DEMO_CONFIG), "OUTPUT_DIR", str(out)]
+    if case == "no_config":
+        args[1] = str(tmp_path / "nope.yaml")
+        expected = f"ERROR: --config-file {tmp_path / 'nope.yaml'}: file not found"
+    elif case == "unknown_model":
+        args += ["MODEL.UNIFIED.NAME", "unified_convnxt_micro"]
+        expected = ("ERROR: MODEL.UNIFIED.NAME 'unified_convnxt_micro' is not a registered model; "
+                    "did you mean unified_convnext_micro")
+    else:
+        args += ["MODEL.UNIFIED.NAMES", "x"]
+        expected = "with the command-line options: Non-existent key: MODEL.UNIFIED.NAMES"
+    train_net = _train_net_module()
+    with pytest.raises(SystemExit) as e:
+        train_net.main(train_net.argument_parser().parse_args(args))
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("ERROR: ")]
+    assert len(errors) == 1 and expected in errors[0], captured.err[-3000:]
+    assert "Running with full config" not in captured.out + captured.err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("with_masks", [False, True])
+def test_evaluator_follows_the_dataset(tmp_path, with_masks):
+    """A set registered without segmentations is evaluated on boxes only (a Mask R-CNN config still
+    predicts masks); one with masks on bbox + segm. Predictions equal to the ground truth score AP 100."""
+    import torch
+    from detectron2.structures import Boxes, BoxMode, Instances
+
+    from stm_det.trainer import build_evaluator
+
+    json_file, root = _tiny_coco(tmp_path)
+    ann = json.loads(open(json_file).read())
+    if not with_masks:
+        for a in ann["annotations"]:
+            del a["segmentation"]
+    open(json_file, "w").write(json.dumps(ann))
+    name = f"det_test_eval_{with_masks}"
+    D.register_coco(name, json_file, root)
+    cfg = load_cfg(BASE_CONFIG, ["OUTPUT_DIR", str(tmp_path / "out")])
+    assert cfg.MODEL.MASK_ON
+    evaluator = build_evaluator(cfg, name)
+    evaluator.reset()
+    x, y, w, h = ann["annotations"][0]["bbox"]
+    inst = Instances((30, 40))
+    inst.pred_boxes = Boxes(torch.tensor([BoxMode.convert([x, y, w, h], BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)]))
+    inst.scores = torch.tensor([0.9])
+    inst.pred_classes = torch.tensor([0])  # category id 7 -> contiguous 0
+    mask = torch.zeros(1, 30, 40, dtype=torch.bool)
+    mask[0, 2:10, 1:11] = True  # the polygon [1, 2, 11, 2, 11, 10, 1, 10] as pixels
+    inst.pred_masks = mask
+    evaluator.process([{"image_id": 1, "file_name": "a.png"}], [{"instances": inst}])
+    results = evaluator.evaluate()
+    assert set(results) == ({"bbox", "segm"} if with_masks else {"bbox"})
+    assert results["bbox"]["AP"] == pytest.approx(100.0)
+
+
+def test_unknown_evaluator_type_is_named(tmp_path):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from stm_det.trainer import build_evaluator
+
+    DatasetCatalog.register("det_test_semseg", lambda: [])
+    MetadataCatalog.get("det_test_semseg").set(evaluator_type="sem_seg")
+    cfg = load_cfg(BASE_CONFIG, ["OUTPUT_DIR", str(tmp_path)])
+    with pytest.raises(D.DatasetError, match="'det_test_semseg' has evaluator_type 'sem_seg'"):
+        build_evaluator(cfg, "det_test_semseg")
