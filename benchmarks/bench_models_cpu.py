@@ -4,6 +4,10 @@ For each model (and resnet50, the yardstick): eval forward (`no_grad`, `eval()`)
 step (forward + backward of `out.sum()`, `train()`), batch 8, 224 px, 2 threads, best of 3 after a
 warm-up; in three columns: eager float32, `torch.compile`, bf16 autocast. Peak memory of the
 training step is the peak resident-memory increase of a fresh process over one eager step.
+A fourth mode, `onnxruntime`, times the eval forward of the model exported to ONNX
+(`stm_backbones.export`, dynamic batch) in onnxruntime's CPU provider with the same batch and 2 intra-op
+threads, against the same yardstick (resnet50 in eager PyTorch): what a user deploying on a CPU would run
+instead, so `eager / onnxruntime` is the ratio to know. It has no training step.
 
 All timings come from this one process, and the yardstick is timed right before and right after each
 model, so each ratio compares steps taken under the same load of a shared, noisy machine; only the
@@ -28,7 +32,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TINY_MODELS = ["unified_convnext_tiny", "unified_halo_tiny", "unified_pvt_tiny", "unified_swin_tiny",
                "unified_dcn_v3_tiny"]
 YARDSTICK = "resnet50"
-MODES = ["eager", "compile", "bf16"]
+MODES = ["eager", "compile", "bf16", "onnxruntime"]
+ORT_MODE = "onnxruntime"  # eval forward only, yardstick in eager PyTorch
 # The study's reference implementation measured the same way (eager float32; DCNv3 through its only
 # CPU-capable path, the grid_sample formulation), as given in the fast-paths issue.
 REFERENCE_RATIOS = {
@@ -54,13 +59,15 @@ def _build(name: str):
 class _Steps:
     """A model's eval forward and training step in one mode (eager, compile or bf16), as callables."""
 
-    def __init__(self, name: str, mode: str, batch: int, size: int):
+    def __init__(self, name: str, mode: str, batch: int, size: int, threads: int = 2):
         import torch
 
         self.model = _build(name)
         self.image = torch.randn(batch, 3, size, size)
         self.runner = torch.compile(self.model) if mode == "compile" else self.model
         self.bf16 = mode == "bf16"
+        self.session = _onnx_session(self.model, self.image, threads) if mode == ORT_MODE else None
+        self._image_np = self.image.numpy()
 
     def _autocast(self):
         import torch
@@ -70,11 +77,16 @@ class _Steps:
     def eval_forward(self) -> None:
         import torch
 
+        if self.session is not None:
+            self.session.run(None, {"x": self._image_np})
+            return
         self.model.eval()
         with torch.no_grad(), self._autocast():
             self.runner(self.image)
 
     def train_step(self) -> None:
+        if self.session is not None:
+            raise NotImplementedError("onnxruntime runs inference only")
         self.model.train()
         with self._autocast():
             out = self.runner(self.image)
@@ -84,6 +96,28 @@ class _Steps:
     def step(self, phase: str):
         """The eval forward (`phase="eval"`) or the training step (`"train"`)."""
         return self.eval_forward if phase == "eval" else self.train_step
+
+    def phases(self) -> tuple[str, ...]:
+        return ("eval",) if self.session is not None else ("eval", "train")
+
+
+def _onnx_session(model, image, threads: int):
+    """`model` exported to ONNX (stm_backbones.export: dynamic batch, DCNv3 as grid_sample) in a temporary file,
+    loaded into an onnxruntime CPU session with `threads` intra-op threads (PyTorch's count) and one inter-op."""
+    import tempfile
+
+    import onnxruntime
+
+    from stm_backbones import export as stm_export
+
+    model.eval()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "model.onnx")
+        stm_export.export(model, "onnx", path, image, dynamic_hw=False)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
 def _seconds(fn) -> float:
@@ -106,7 +140,7 @@ def time_against_yardstick(name: str, yardstick: _Steps, mode: str, batch: int, 
     threshold), which a training loop never sees."""
     steps = _Steps(name, mode, batch, size)
     row = dict(model=name, mode=mode)
-    for phase in ("eval", "train"):
+    for phase in steps.phases():
         own, base = steps.step(phase), yardstick.step(phase)
         before = _best_of(base, repeats)
         row[f"{phase}_s"] = _best_of(own, repeats)
@@ -217,11 +251,30 @@ def _rate_cells(row: dict) -> list[str]:
     return [f"{row['gmacs']:.2f}", f"{work / row['eval_s']:.0f}, {3 * work / row['train_s']:.0f}"]
 
 
-def _ratios(row: dict) -> tuple[float, float] | None:
-    """(eval, train) time / the yardstick's time measured in the same rounds."""
+def _ratios(row: dict) -> tuple[float, float | None] | None:
+    """(eval, train) time / the yardstick's time measured in the same rounds (train None: inference-only mode)."""
     if "eval_s" not in row or "yardstick_eval_s" not in row:
         return None
-    return row["eval_s"] / row["yardstick_eval_s"], row["train_s"] / row["yardstick_train_s"]
+    train = row["train_s"] / row["yardstick_train_s"] if "train_s" in row else None
+    return row["eval_s"] / row["yardstick_eval_s"], train
+
+
+def _cells(ratios) -> list[str]:
+    if not ratios:
+        return ["error", "error"]
+    return [f"{r:.2f}" if r is not None else "-" for r in ratios]
+
+
+def _ort_table(rows: list[dict]) -> str:
+    """Eager PyTorch against onnxruntime, eval forward, each as a ratio to the yardstick of its own rounds."""
+    by = {(r["model"], r["mode"]): r for r in rows}
+    lines = ["| model | eager eval/rn50 | onnxruntime eval/rn50 | eager / onnxruntime |", "|---|---|---|---|"]
+    for name in dict.fromkeys(r["model"] for r in rows if r["model"] != YARDSTICK):
+        eager, ort = _ratios(by.get((name, "eager"), {})), _ratios(by.get((name, ORT_MODE), {}))
+        cells = [name, f"{eager[0]:.2f}" if eager else "-", f"{ort[0]:.2f}" if ort else "error",
+                 f"{eager[0] / ort[0]:.2f}" if eager and ort else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _table(rows: list[dict], modes: list[str]) -> str:
@@ -235,8 +288,7 @@ def _table(rows: list[dict], modes: list[str]) -> str:
     for name in dict.fromkeys(r["model"] for r in rows if r["model"] != YARDSTICK):
         cells = [name]
         for mode in modes:
-            ratios = _ratios(by.get((name, mode), {}))
-            cells += [f"{r:.2f}" for r in ratios] if ratios else ["error", "error"]
+            cells += _cells(_ratios(by.get((name, mode), {})))
         ref = REFERENCE_RATIOS.get(name)
         eager = by.get((name, "eager"), {})
         ratios = _ratios(eager)
@@ -251,7 +303,8 @@ def _table(rows: list[dict], modes: list[str]) -> str:
     yard = by.get((YARDSTICK, "eager"), {})
     lines.append("| " + " | ".join([f"{YARDSTICK} (yardstick)"] + ["1.00", "1.00"] * len(modes) + ["-", "-", "-",
                  f"{yard.get('train_peak_mib', float('nan')):.0f}"] + _rate_cells(yard)) + " |")
-    base_cells = [f"{by[(YARDSTICK, m)]['eval_s'] * 1000:.0f} ms / {by[(YARDSTICK, m)]['train_s'] * 1000:.0f} ms"
+    base_cells = [f"{by[(YARDSTICK, m)]['eval_s'] * 1000:.0f} ms / "
+                  + (f"{by[(YARDSTICK, m)]['train_s'] * 1000:.0f} ms" if "train_s" in by[(YARDSTICK, m)] else "-")
                   for m in modes if "eval_s" in by.get((YARDSTICK, m), {})]
     lines.append("")
     lines.append(f"resnet50 absolute (eval / train step) per mode {modes}: " + "; ".join(base_cells))
@@ -277,13 +330,15 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = 64
     rows = []
     for mode in args.modes:
-        yardstick = _Steps(YARDSTICK, mode, args.batch, args.size)  # warmed up (and compiled) by _best_of
+        # warmed up (and compiled) by _best_of; onnxruntime is measured against the eager yardstick
+        yardstick = _Steps(YARDSTICK, "eager" if mode == ORT_MODE else mode, args.batch, args.size)
         yard_times = dict(eval=[], train=[])
         for name in args.models:
             try:
                 row = time_against_yardstick(name, yardstick, mode, args.batch, args.size, args.repeats)
                 yard_times["eval"].append(row["yardstick_eval_s"])
-                yard_times["train"].append(row["yardstick_train_s"])
+                if "yardstick_train_s" in row:
+                    yard_times["train"].append(row["yardstick_train_s"])
                 if mode == "eager":
                     row.update(_work_and_memory(name, args.batch, args.size))
             except Exception as error:  # noqa: BLE001 - a failing model is reported, not fatal
@@ -293,7 +348,9 @@ def main() -> None:
         # the yardstick's own row: its best times over the whole mode (for the absolute figures only)
         row = dict(model=YARDSTICK, mode=mode)
         if yard_times["eval"]:
-            row.update(eval_s=min(yard_times["eval"]), train_s=min(yard_times["train"]))
+            row.update(eval_s=min(yard_times["eval"]))
+        if yard_times["train"]:
+            row.update(train_s=min(yard_times["train"]))
         if mode == "eager":
             row.update(_work_and_memory(YARDSTICK, args.batch, args.size))
         print(json.dumps(row), flush=True)
@@ -318,6 +375,10 @@ def main() -> None:
     table = _table(rows, args.modes)
     table += ("\n\nGEMM ceiling (2048^3 matrix product, 2 threads): "
               f"{peak['float32']:.0f} GMAC/s float32, {peak['bfloat16']:.0f} GMAC/s bfloat16.")
+    if ORT_MODE in args.modes:
+        table += ("\n\nEval forward in onnxruntime (CPU provider, ONNX from stm_backbones.export, same batch, "
+                  "2 intra-op threads) against eager PyTorch, both against the eager resnet50 yardstick:\n\n"
+                  + _ort_table(rows))
     if profiles:
         table += ("\n\nDense work (GEMMs, convolutions, fused attention: `DENSE_OPS`) in one profiled eager "
                   "float32 step (torch.profiler self CPU time; profiles/):\n\n" + _dense_table(profiles))

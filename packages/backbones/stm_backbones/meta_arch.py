@@ -16,13 +16,14 @@ and `input_size_error(height, width, img_size, dense) -> str | None`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
 import torch
 import torch.utils.checkpoint
-from timm.layers import trunc_normal_
+from timm.layers import register_notrace_function, trunc_normal_
 from timm.models._features import feature_take_indices
 from torch import nn
 
@@ -66,6 +67,54 @@ class DownsampleLayer(nn.Module):
         return self.reduction(x)
 
 
+GLOBAL_POOLS = ("avg", "")
+
+
+def _check_global_pool(global_pool: str) -> str:
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool must be 'avg' (average pooling) or '' (no pooling), got {global_pool!r}")
+    return global_pool
+
+
+# Block classes by name, so that the FX-opaque helpers below take plain data (FX graphs hold strings, not classes).
+_BLOCK_TYPES: dict[str, type] = {}
+
+
+def _block_key(block_type: type) -> str:
+    key = f"{block_type.__module__}.{block_type.__qualname__}"
+    _BLOCK_TYPES[key] = block_type
+    return key
+
+
+@register_notrace_function  # FX: an opaque call (its checks branch on the input's shape), kept in the graph
+def check_input(image: torch.Tensor, block_key: str, img_size: tuple[int, int], dense: bool) -> torch.Tensor:
+    """The input-size rules of a model (ValueError naming the problem); returns `image` unchanged."""
+    if image.dim() != 4:
+        raise ValueError(f"expected an image batch of shape (B, C, H, W), got {tuple(image.shape)}")
+    if torch.compiler.is_exporting():
+        # the size rules read the sides as Python ints, which would pin an exported graph to the example's size;
+        # stm_backbones.export constrains height and width to the sizes every model takes (multiples of 32)
+        return image
+    height, width = image.shape[-2:]
+    if dense and (height % 32 or width % 32):
+        raise ValueError(f"dense-prediction backbones take inputs whose sides are multiples of 32, "
+                         f"got {height}x{width} (pad the image, as detectron2's size_divisibility=32 does)")
+    block_type = _BLOCK_TYPES[block_key]
+    rule = getattr(block_type, "input_size_error", None)
+    if rule is not None:
+        message = rule(int(height), int(width), img_size, dense)
+        if message:
+            raise ValueError(f"{block_type.__name__}: {message}")
+    return image
+
+
+@register_notrace_function  # FX: the per-stage inputs depend on the image size only (an opaque call)
+def extra_stage_inputs(image: torch.Tensor, block_key: str, forward_kwargs: dict):
+    """The block family's `extra_inputs(image, **forward_kwargs)` (DCNv3's reference points), or None."""
+    hook = getattr(_BLOCK_TYPES[block_key], "extra_inputs", None)
+    return hook(image, **forward_kwargs) if hook is not None else None
+
+
 def _init_conv_linear(module: nn.Module) -> None:
     # The reference re-initialises every Conv2d/Linear of the network last, overriding in-block init.
     if isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -75,6 +124,10 @@ def _init_conv_linear(module: nn.Module) -> None:
 
 
 class MetaArch(nn.Module):
+    """The unified trunk. timm semantics: `num_features` is the channel count of `forward_features`
+    (dims[-1]), `head_hidden_size` the width of the pre-logits (`conv_head`'s output), `global_pool`
+    'avg' or '' (no pooling: `forward` returns the (B, C, H, W) map, the head applied per position)."""
+
     def __init__(
         self,
         img_size: int | Sequence[int] = 224,
@@ -84,6 +137,7 @@ class MetaArch(nn.Module):
         depths: Sequence[int] = (3, 3, 9, 3),
         dims: Sequence[int] = (96, 192, 384, 768),
         drop_path_rate: float = 0.0,
+        drop_rate: float = 0.0,
         layer_scale_init_value: float = 1e-6,
         stem_type: Callable[..., nn.Module] = Stem,
         stem_kwargs: dict | None = None,
@@ -103,26 +157,44 @@ class MetaArch(nn.Module):
         dense: bool = False,
         out_indices: Sequence[int] = (0, 1, 2, 3),
         global_pool: str = "avg",
-        **_ignored: Any,  # e.g. `num_heads` from the DCNv3 factories, `pretrained_cfg` from timm
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
+        # everything needed to rebuild this model at another input size (`set_input_size`)
+        self._init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__", "device", "dtype")}
         if in_chans is not None:
             in_channels = in_chans
         if block_type is None:
             raise ValueError("MetaArch needs a block_type (the spatial token mixer block class)")
         if len(depths) != 4 or len(dims) != 4:
             raise ValueError(f"MetaArch has 4 stages; got depths={depths}, dims={dims}")
-        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(int(s) for s in img_size)
+        self.in_chans = in_channels
         self.num_classes = num_classes
         self.depths, self.dims = tuple(depths), tuple(dims)
         self.block_type = block_type
+        self._block_key = _block_key(block_type)
+        self._has_extra_inputs = getattr(block_type, "extra_inputs", None) is not None
         self.forward_kwargs = dict(forward_kwargs or {})
         self.grad_checkpointing = use_checkpoint
         self.label_map_path = label_map_path
         self.dense = dense
         self.out_indices = tuple(out_indices)
-        self.global_pool = global_pool
+        self.global_pool = _check_global_pool(global_pool)
+        self.drop_rate = drop_rate
 
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self._build(in_channels, num_classes, depths, dims, drop_path_rate, drop_rate, layer_scale_init_value,
+                        stem_type, stem_kwargs, block_kwargs, downsample_type, downsample_kwargs, extra_transform,
+                        extra_transform_ratio, norm_layer, norm_every_stage, norm_after_avg, act_layer)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+
+    def _build(self, in_channels, num_classes, depths, dims, drop_path_rate, drop_rate, layer_scale_init_value,
+               stem_type, stem_kwargs, block_kwargs, downsample_type, downsample_kwargs, extra_transform,
+               extra_transform_ratio, norm_layer, norm_every_stage, norm_after_avg, act_layer) -> None:
+        block_type, dense = self.block_type, self.dense
         patch_grid = (self.img_size[0] // 4, self.img_size[1] // 4)
         self.downsample_layers = nn.ModuleList()
         self.downsample_layers.append(stem_type(in_channels=in_channels, out_channels=dims[0], norm_layer=norm_layer,
@@ -147,12 +219,18 @@ class MetaArch(nn.Module):
                 block_index += 1
             self.stages.append(nn.Sequential(*blocks) if dense else nn.ModuleList(blocks))
 
-        self.feature_info = [dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stages.{i}") for i in range(4)]
+        # `module` names a module whose output is the feature (timm's hook/fx feature extractors use it):
+        # the stage norm (what the next stage sees) for classifiers, the output norm for dense backbones.
         if dense:
+            self.feature_info = [dict(num_chs=dims[i], reduction=4 * 2**i,
+                                      module=f"out_norm_{i}" if i in self.out_indices else f"stages.{i}")
+                                 for i in range(4)]
             for i in self.out_indices:
                 self.add_module(f"out_norm_{i}", LayerNorm2d(dims[i], eps=1e-6))
             self.num_features = self.head_hidden_size = dims[-1]
         else:
+            self.feature_info = [dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stage_norms.{i}")
+                                 for i in range(4)]
             self.stage_norms = nn.ModuleList(
                 [norm_layer(d) if norm_every_stage else nn.Identity() for d in dims])
             self.stage_end_norm = (nn.Identity() if (norm_every_stage or norm_after_avg) else norm_layer(dims[-1]))
@@ -164,7 +242,9 @@ class MetaArch(nn.Module):
                 width = dims[-1]
                 self.conv_head = nn.Identity()
             self.avg_norm = norm_layer(width) if norm_after_avg else nn.Identity()
-            self.num_features = self.head_hidden_size = width
+            self.num_features = dims[-1]  # channels of forward_features
+            self.head_hidden_size = width  # channels of the pre-logits (after conv_head)
+            self.head_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
             self.head = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_conv_linear)
 
@@ -192,35 +272,66 @@ class MetaArch(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A fresh head for `num_classes` (0: none, `forward` returns the pre-logits); `global_pool` 'avg' or ''
+        (None keeps the current one). The new head takes the device and dtype of the model's parameters."""
         if self.dense:
             raise RuntimeError("a dense-prediction (detection) backbone has no classifier")
+        if global_pool is not None:
+            self.global_pool = _check_global_pool(global_pool)
         self.num_classes = num_classes
-        device = next(self.parameters()).device
-        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        reference = next(self.parameters())
+        if num_classes > 0:
+            self.head = nn.Linear(self.head_hidden_size, num_classes, device=reference.device, dtype=reference.dtype)
+            if reference.device.type != "meta":
+                _init_conv_linear(self.head)
+            self.head.train(self.training)
+        else:
+            self.head = nn.Identity()
+
+    def set_input_size(self, img_size: int | Sequence[int] | None = None, **_: Any) -> None:
+        """Rebuild for another input size: blocks whose geometry depends on it (Swin's windows and shift masks,
+        PVT's position embeddings) are rebuilt and the current weights loaded into them with the checkpoint
+        loader's rules (relative-position tables bicubic, PVT position embeddings bilinear). Parameters keep
+        their device, dtype and requires_grad; the mode (train/eval) is kept."""
+        if img_size is None:
+            return
+        from timm.models._input import update_model_input_size
+
+        kwargs = dict(self._init_kwargs, img_size=img_size)
+        if not self.dense:
+            kwargs["num_classes"] = self.num_classes
+            kwargs["global_pool"] = self.global_pool
+        reference = next(self.parameters())
+        rebuilt = type(self)(**kwargs, device=reference.device, dtype=reference.dtype)
+        if not self.dense and self.num_classes > 0 and not isinstance(self.head, nn.Linear):
+            raise RuntimeError("set_input_size: unexpected classifier type")
+        frozen = {n for n, p in self.named_parameters() if not p.requires_grad}
+        rebuilt.load_state_dict(self.state_dict(), strict=True)
+        for name, child in rebuilt.named_children():
+            setattr(self, name, child)
+        for name, param in self.named_parameters():
+            param.requires_grad_(name not in frozen)
+        self.img_size = rebuilt.img_size
+        self._init_kwargs["img_size"] = img_size
+        self.train(self.training)
+        update_model_input_size(self, self.img_size)
 
     # ------------------------------------------------------------------ loading
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """The study's loader: interpolates tables/pos-embeds, ignores stored index/mask buffers."""
-        from .checkpoint import adapt_state_dict, check_state_dict_keys
+        """The study's loader: interpolates tables/pos-embeds, ignores stored index/mask buffers, strips the
+        `module.` / `_orig_mod.` prefixes of DDP / torch.compile, and refuses non-finite weights."""
+        from .checkpoint import adapt_state_dict, check_finite, check_state_dict_keys, strip_prefixes
 
+        state_dict = strip_prefixes(state_dict)
+        check_finite(state_dict, self)
         adapted = adapt_state_dict(self, state_dict)
         if strict:
             check_state_dict_keys(self, adapted)
         return super().load_state_dict(adapted, strict=False, assign=assign)
 
     # ------------------------------------------------------------------ forward
-    def _check_input(self, image: torch.Tensor) -> None:
-        if image.dim() != 4:
-            raise ValueError(f"expected an image batch of shape (B, C, H, W), got {tuple(image.shape)}")
-        height, width = image.shape[-2:]
-        if self.dense and (height % 32 or width % 32):
-            raise ValueError(f"dense-prediction backbones take inputs whose sides are multiples of 32, "
-                             f"got {height}x{width} (pad the image, as detectron2's size_divisibility=32 does)")
-        rule = getattr(self.block_type, "input_size_error", None)
-        if rule is not None:
-            message = rule(int(height), int(width), self.img_size, self.dense)
-            if message:
-                raise ValueError(f"{self.block_type.__name__}: {message}")
+    def _check_input(self, image: torch.Tensor) -> torch.Tensor:
+        return check_input(image, self._block_key, self.img_size, self.dense)
 
     def _run_stage(self, i: int, x: torch.Tensor, extra) -> torch.Tensor:
         x = self.downsample_layers[i](x)
@@ -242,8 +353,9 @@ class MetaArch(nn.Module):
         return x
 
     def _extra_inputs(self, image: torch.Tensor):
-        hook = getattr(self.block_type, "extra_inputs", None)
-        return hook(image, **self.forward_kwargs) if hook is not None else None
+        if not self._has_extra_inputs:
+            return None
+        return extra_stage_inputs(image, self._block_key, self.forward_kwargs)
 
     def forward_intermediates(
         self,
@@ -254,28 +366,35 @@ class MetaArch(nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ):
-        """timm's intermediate-feature API: stage outputs at strides 4, 8, 16, 32 (NCHW).
+        """timm's intermediate-feature API: stage outputs at strides 4, 8, 16, 32.
 
-        Classification models return each stage's output after its stage norm (what the next
-        stage sees); dense backbones return the `out_norm_{i}` outputs.
+        `norm=False`: each stage's raw output; `norm=True`: after its norm, i.e. what the next stage (or the
+        head) sees: the stage norm of classifiers (plus the final norm on the last stage, where the model has
+        one), the `out_norm_{i}` of dense backbones. `output_fmt` 'NCHW' or 'NHWC'. The final output (first
+        element when not `intermediates_only`) is `forward_features`' output whatever `norm` is.
         """
-        if output_fmt != "NCHW":
-            raise ValueError("only output_fmt='NCHW' is supported")
-        self._check_input(x)
-        take, max_index = feature_take_indices(4, indices)
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        x = self._check_input(x)
+        take, max_index = feature_take_indices(len(self.stages), indices)
         extra = self._extra_inputs(x)
         intermediates = []
         last = min(max_index if stop_early else 3, len(self.stages) - 1)
         for i in range(last + 1):
             x = self._run_stage(i, x, extra)
             if self.dense:
-                if i in take:
+                feature = x
+                if norm:
                     norm_i = getattr(self, f"out_norm_{i}", None)
-                    intermediates.append(norm_i(x) if norm_i is not None else x)
+                    feature = norm_i(x) if norm_i is not None else x
             else:
+                raw = x
                 x = self.stage_norms[i](x)
-                if i in take:
-                    intermediates.append(x)
+                feature = x if norm else raw
+                if norm and i == len(self.stages) - 1:
+                    feature = self.stage_end_norm(feature)
+            if i in take:
+                intermediates.append(feature.permute(0, 2, 3, 1) if output_fmt == "NHWC" else feature)
         if intermediates_only:
             return intermediates
         if self.dense:
@@ -283,30 +402,45 @@ class MetaArch(nn.Module):
         return self.stage_end_norm(x), intermediates
 
     def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
-        take, max_index = feature_take_indices(4, indices)
+        """Drop the stages after the last of `indices` (timm's contract). `prune_norm`: the last kept stage's norm
+        (and the final norm) become identities, so `forward_features` ends at the raw tap; `prune_head`: no
+        conv_head and no classifier."""
+        take, max_index = feature_take_indices(len(self.stages), indices)
         self.stages = self.stages[: max_index + 1]
         self.downsample_layers = self.downsample_layers[: max_index + 1]
-        if prune_head and not self.dense:
-            self.conv_head = nn.Identity()
-            self.reset_classifier(0)
+        if not self.dense:
+            self.stage_norms = self.stage_norms[: max_index + 1]
+            if prune_norm:
+                self.stage_norms[max_index] = nn.Identity()
+                self.stage_end_norm = nn.Identity()
+            if prune_head:
+                self.conv_head = nn.Identity()
+                self.reset_classifier(0)
         return take
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense:
             raise RuntimeError("use forward() on a dense-prediction backbone: it returns the multi-scale maps")
-        self._check_input(x)
+        x = self._check_input(x)
         extra = self._extra_inputs(x)
-        for i in range(4):
+        for i in range(len(self.stages)):
             x = self._run_stage(i, x, extra)
             x = self.stage_norms[i](x)
         return self.stage_end_norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.conv_head(x)
-        x = self.avg_norm(x.mean(dim=(2, 3)))
-        return x if pre_logits else self.head(x)
+        if self.global_pool == "avg":
+            x = self.avg_norm(x.mean(dim=(2, 3)))
+            x = self.head_drop(x)
+            return x if pre_logits else self.head(x)
+        # no pooling: the pre-logits map, and the classifier applied at every position
+        x = self.head_drop(self.avg_norm(x))
+        if pre_logits or isinstance(self.head, nn.Identity):
+            return x
+        return self.head(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor):
         if self.dense:
-            return self.forward_intermediates(x, indices=list(self.out_indices), intermediates_only=True)
+            return self.forward_intermediates(x, indices=list(self.out_indices), norm=True, intermediates_only=True)
         return self.forward_head(self.forward_features(x))

@@ -92,7 +92,9 @@ def ms_deform_attn_pytorch(value: torch.Tensor, spatial_shapes, level_start_inde
     shapes = _level_shapes(spatial_shapes)
     if len(shapes) != levels:
         raise ValueError(f"spatial_shapes has {len(shapes)} levels, sampling_locations {levels}")
-    grids = 2 * sampling_locations - 1  # grid_sample's [-1, 1] frame
+    # grid_sample's [-1, 1] frame. NaN/inf locations count as out of range (zero output and gradient), as in
+    # the compiled op: NaN -> -3 and a clamp to [-3, 3], which moves no sample that is in range.
+    grids = torch.nan_to_num(2 * sampling_locations - 1, nan=-3.0).clamp(-3.0, 3.0)
     samples = []
     start = 0
     for level, (height, width) in enumerate(shapes):
@@ -148,6 +150,11 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_star
     Runs in float32 (float64 stays float64). Under autocast the result is float32; otherwise it is cast
     back to `value`'s dtype.
     """
+    for name, arg in (("value", value), ("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index),
+                      ("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
+        if not isinstance(arg, torch.Tensor):
+            raise TypeError(f"ms_deform_attn: {name} must be a torch.Tensor, got {type(arg).__module__}."
+                            f"{type(arg).__name__} (convert it with torch.from_numpy(...) or torch.as_tensor(...))")
     out_dtype = value.dtype
     compute = torch.float64 if value.dtype == torch.float64 else torch.float32
     value, sampling_locations, attention_weights = (
@@ -192,6 +199,15 @@ _MIN_CHUNK_ROWS = 256
 def plain_path() -> bool:
     """Whether the straightforward formulation should be used (torch.compile tracing, jit tracing)."""
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def reshape_copy(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """`x.reshape(shape)` for a non-viewable `x` (eager copies it). While torch.export traces, the copy is an
+    explicit clone: with a symbolic batch size the fake tensor can pass for contiguous, and the ONNX exporter's
+    decompositions then turn the reshape into a view that the real strides cannot take. Same values either way."""
+    if torch.compiler.is_exporting():
+        x = x.clone(memory_format=torch.contiguous_format)
+    return x.reshape(shape)
 
 
 def _reduced_autocast(device_type: str) -> torch.dtype | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from timm.models import generate_default_cfgs
 from torch import nn
 
@@ -64,6 +65,7 @@ class _DepthwiseConv2d(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+@register_notrace_module  # FX (feature_cls="fx", timm's tests): one opaque call per block
 class UnifiedConvNeXtBlock(nn.Module):
     """NCHW in/out. Mixer: LN2d -> 1x1 conv -> dw 7x7 conv -> 1x1 conv; then a channels-last MLP.
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from timm.models import generate_default_cfgs
 from torch import nn
 
@@ -62,7 +63,8 @@ _EXTRA_INPUTS = SizeCache()
 
 def _level_tensors(height: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """spatial_shapes [[height, width]] and level_start_index [0] (int64) of a one-level map."""
-    return _LEVEL_TENSORS.get((height, width, device), lambda: (
+    # keyed on inference mode too: tensors made under torch.inference_mode() must not reach autograd later
+    return _LEVEL_TENSORS.get((height, width, device, torch.is_inference_mode_enabled()), lambda: (
         torch.tensor([[height, width]], dtype=torch.int64, device=device),
         torch.zeros(1, dtype=torch.int64, device=device)))
 
@@ -184,6 +186,7 @@ def _build_extra_inputs(image_h: int, image_w: int, pad: int, depths: int, devic
     return out
 
 
+@register_notrace_module  # FX (feature_cls="fx", timm's tests): one opaque call per block
 class DCNv3Block(nn.Module):
     """(x NCHW, stage_inputs) -> (x NCHW, stage_inputs): deformable mixer on LN(x), then an MLP on LN(x)."""
 
@@ -217,7 +220,8 @@ class DCNv3Block(nn.Module):
         """
         pad = int(math.sqrt(deform_points) // 2) if deform_padding else 0
         image_h, image_w = (int(n) for n in image.shape[-2:])
-        return list(_EXTRA_INPUTS.get((image_h, image_w, pad, depths, image.device),
+        key = (image_h, image_w, pad, depths, image.device, torch.is_inference_mode_enabled())  # see _level_tensors
+        return list(_EXTRA_INPUTS.get(key,
                                       lambda: _build_extra_inputs(image_h, image_w, pad, depths, image.device)))
 
     @staticmethod

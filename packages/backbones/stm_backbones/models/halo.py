@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from timm.models import generate_default_cfgs
 from torch import nn
 
@@ -246,12 +247,13 @@ class HaloAttn(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), scale=self.scale)
 
         out = out.reshape(batch, heads, n_h, n_w, bs, bs, d_v).permute(0, 2, 4, 3, 5, 1, 6)
-        out = out.reshape(batch, padded_h, padded_w, heads * d_v)
+        out = ops.reshape_copy(out, (batch, padded_h, padded_w, heads * d_v))
         if padded_h != height or padded_w != width:
             out = out[:, :height, :width]
         return self.proj(out)
 
 
+@register_notrace_module  # FX (feature_cls="fx", timm's tests): one opaque call per block
 class UnifiedHaloBlock(nn.Module):
     """NHWC in/out (the stage hooks permute). x + γ1·Halo(LN(x)); x + γ2·MLP(LN(x)); LayerNorm eps 1e-5."""
 
@@ -324,7 +326,10 @@ def _create(size: str, pretrained: bool, **kwargs):
 
 
 # The study released these as unified_halonet_{size}.pth.
-default_cfgs = generate_default_cfgs({f"unified_halo_{s}": study_cfg(f"unified_halonet_{s}.pth") for s in SIZES})
+# fixed_input_size: the classifier takes 224·k inputs only (block size 7 at every stage), so generic tools
+# (timm's data config, test suites) must feed it the configured size.
+default_cfgs = generate_default_cfgs({f"unified_halo_{s}": study_cfg(f"unified_halonet_{s}.pth", fixed_input_size=True)
+                                     for s in SIZES})
 
 
 @register_model

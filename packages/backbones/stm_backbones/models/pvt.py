@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from timm.layers import register_notrace_module, trunc_normal_
 from timm.models import generate_default_cfgs
 from torch import nn
 
@@ -118,7 +118,7 @@ class SpatialReductionAttention(nn.Module):
             z = y
         kv = self.kv(z).reshape(batch, -1, 2, self.num_heads, self.head_dim)
         k, v = (t.transpose(1, 2) for t in kv.unbind(2))  # each (B, heads, N', d)
-        if torch.is_autocast_enabled(y.device.type) and not ops.plain_path():
+        if ops._autocast_enabled(y.device.type) and not ops.plain_path():
             # the reference's formulation: in bfloat16 the CPU flash kernel (its backward above all) is
             # several times slower than two batched GEMMs and a softmax over the 49 keys
             attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
@@ -166,6 +166,7 @@ class DWConvMlp(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ blocks
+@register_notrace_module  # FX (feature_cls="fx", timm's tests): one opaque call per block
 class _SraBlockBase(nn.Module):
     """Shared construction of the PVT-v1 and PVT-v2 blocks (norms, SRA, γ, DropPath)."""
 
@@ -242,8 +243,10 @@ class PvtBlock(_SraBlockBase):
         message = (f"built for {built[0]}x{built[1]} inputs (its position embeddings have the fixed stage "
                    f"resolutions {', '.join(f'{h}x{w}' for h, w in expected)}), got {height}x{width}")
         if actual_resolutions(*built) != expected:
-            return (message + f"; img_size={_size_text(built)} gives stage resolutions no input produces: build "
-                    "it with an img_size whose sides are multiples of 32")
+            return (f"img_size={_size_text(built)} gives position embeddings for stage resolutions "
+                    f"{', '.join(f'{h}x{w}' for h, w in expected)} that no input produces (a {height}x{width} input "
+                    f"gives {', '.join(f'{h}x{w}' for h, w in actual_resolutions(height, width))}): build it with an "
+                    "img_size whose sides are multiples of 32")
         if actual_resolutions(height, width) == nominal_resolutions((height, width)):
             return message + f"; pass img_size={_size_text((height, width))} to timm.create_model to change it"
         rounded = tuple(32 * math.ceil(n / 32) for n in (height, width))

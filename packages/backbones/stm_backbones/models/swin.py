@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from timm.layers import register_notrace_module, trunc_normal_
 from timm.models import generate_default_cfgs
 from torch import nn
 
@@ -235,11 +235,12 @@ class WindowAttention(nn.Module):
         else:
             attn_mask = self._inference_mask(mask, windows, q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
-        out = out.transpose(1, 2).reshape(windows, tokens, heads * dim)
+        out = ops.reshape_copy(out.transpose(1, 2), (windows, tokens, heads * dim))
         return self.proj(out)
 
 
 # ------------------------------------------------------------------------------------------ block
+@register_notrace_module  # FX (feature_cls="fx", timm's tests): one opaque call per block
 class SwinBlock(nn.Module):
     """NCHW in/out. (Shifted-)window attention on LN2d(x), then an MLP on LN2d(x); both with γ and DropPath."""
 
@@ -288,9 +289,9 @@ class SwinBlock(nn.Module):
             return None
         message = f"built for {built[0]}x{built[1]} inputs, got {height}x{width}"
         if stage_resolutions(*built) != expected:
-            return (message + f"; img_size={built[0] if built[0] == built[1] else built} gives stage resolutions "
-                    f"{expected} that no input produces: build it with an img_size whose sides are multiples "
-                    "of 32")
+            return (f"img_size={built[0] if built[0] == built[1] else built} gives stage resolutions {expected} "
+                    f"that no input produces (a {height}x{width} input gives {stage_resolutions(height, width)}): "
+                    "build it with an img_size whose sides are multiples of 32")
         if stage_resolutions(height, width) == nominal_resolutions((height, width)):
             suggestion = height if height == width else (height, width)
             return message + f"; pass img_size={suggestion} to timm.create_model to change it"
@@ -352,6 +353,7 @@ class SwinBlock(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ official Swin parts
+@register_notrace_module  # FX (feature_cls="fx", timm's tests): one opaque call per block
 class SwinPatchEmbed(nn.Module):
     """Stem of `official_swin_tiny`: 4x4 stride-4 conv (with bias) + norm; keys `proj`, `norm`. NCHW.
 
@@ -376,6 +378,7 @@ class SwinPatchEmbed(nn.Module):
         return self.norm(self.proj(x))
 
 
+@register_notrace_module  # FX (feature_cls="fx", timm's tests): one opaque call per block
 class PatchMerging(nn.Module):
     """Swin downsampling: concat of the 2x2 neighbours (row, col) = (0,0), (1,0), (0,1), (1,1) -> LN(4C, eps
     1e-5) -> Linear(4C, C', no bias). NCHW in/out; keys `norm`, `reduction`."""
