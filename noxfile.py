@@ -112,6 +112,15 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session
+def gpu_check(session: nox.Session) -> None:
+    """GPU acceptance on a machine with a CUDA device (benchmarks/gpu_check.py; results in
+    benchmarks/results/gpu/). `nox -s gpu_check -- --dry-run` lists every step without running any
+    (no GPU and no environment sync needed: it only prints)."""
+    python = sys.executable if "--dry-run" in session.posargs else _python(session)
+    session.run(python, "benchmarks/gpu_check.py", *session.posargs, external=True)
+
+
+@nox.session
 def demo(session: nox.Session) -> None:
     """The main job on the embedded default data: a micro model trained on the digits."""
     python = _python(session)

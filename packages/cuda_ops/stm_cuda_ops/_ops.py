@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .reference import ms_deform_attn_reference
+from .reference import check_tensor_args, ms_deform_attn_reference
 
 __all__ = ["build_info", "has_compiled_op", "ms_deform_attn"]
 
@@ -86,8 +86,14 @@ def ms_deform_attn(
 
     Returns:
         (N, Lq, M * D) in value's dtype (float32 under autocast). Differentiable with respect to
-        value, sampling_locations and attention_weights.
+        value, sampling_locations and attention_weights. Samples with a NaN or infinite coordinate
+        are out of range (zero output and gradient), in the kernels and in the fallback alike.
+
+    Raises:
+        TypeError: an input is not a torch.Tensor (e.g. a numpy array), naming the argument.
+        RuntimeError: invalid shapes, dtypes, devices or level geometry (named in the message).
     """
+    check_tensor_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if not _HAS_OP or value.device.type not in _COMPILED_DEVICES:
         _fallback_warning(value.device.type)
         return ms_deform_attn_reference(

@@ -2,6 +2,10 @@
 
 Used as the fallback when the compiled extension is missing and as the test oracle. Differentiable
 by autograd in all three floating inputs, runs on any device, supports any batch size.
+
+Non-finite sampling locations (NaN, +-inf) count as out of range, exactly as in the compiled
+kernels (whose strict range test fails for them): zero contribution, zero gradient. grid_sample
+alone would return NaN for them, so results would depend on whether the extension is built.
 """
 
 from __future__ import annotations
@@ -10,6 +14,18 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["ms_deform_attn_reference"]
+
+_TENSOR_ARGS = ("value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights")
+
+
+def check_tensor_args(*args) -> None:
+    """TypeError naming the argument when one of the five inputs is not a torch.Tensor (e.g. a
+    numpy array, which would otherwise fail deep inside with an unrelated message)."""
+    for name, arg in zip(_TENSOR_ARGS, args):
+        if not isinstance(arg, torch.Tensor):
+            kind = f"{type(arg).__module__}.{type(arg).__qualname__}".removeprefix("builtins.")
+            hint = " (convert it with torch.from_numpy(...) or torch.as_tensor(...))" if kind.startswith("numpy.") else ""
+            raise TypeError(f"ms_deform_attn: {name} must be a torch.Tensor, got {kind}{hint}")
 
 
 def ms_deform_attn_reference(
@@ -32,16 +48,20 @@ def ms_deform_attn_reference(
         im2col_step: accepted for API compatibility; has no effect.
 
     Returns:
-        (N, Lq, M * D); channel m * D + d belongs to head m.
+        (N, Lq, M * D); channel m * D + d belongs to head m. Samples with a NaN or infinite
+        coordinate are out of range (zero output and gradient), as in the compiled kernels.
     """
+    check_tensor_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     del level_start_index, im2col_step
     n, _, m, d = value.shape
     _, lq, _, num_levels, p, _ = sampling_locations.shape
     sizes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     chunks = value.split([h * w for h, w in sizes], dim=1)
     # grid_sample works in [-1, 1] with align_corners=False: g = 2 * loc - 1 maps to the pixel
-    # coordinate loc * size - 0.5, zero padding outside.
-    grids = 2 * sampling_locations - 1
+    # coordinate loc * size - 0.5, zero padding outside. A sample is in range only for
+    # -1 - 2/size < g < 1 + 2/size, so moving NaN to -3 and clamping to [-3, 3] changes no in-range
+    # sample and makes non-finite ones out of range; both have zero gradient there, as in the kernels.
+    grids = torch.nan_to_num(2 * sampling_locations - 1, nan=-3.0).clamp(-3.0, 3.0)
     sampled = []
     for level, (h, w) in enumerate(sizes):
         # (N, H*W, M, D) -> (N*M, D, H, W), batch-major then head.

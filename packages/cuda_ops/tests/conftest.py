@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +39,52 @@ def cpu_isa(request, ops):
     ops._cpu_isa(request.param)
     yield request.param
     ops._cpu_isa("auto")
+
+
+EMULATION_DIR = Path(__file__).resolve().parent / "emulation"
+CSRC_DIR = Path(__file__).resolve().parents[1] / "stm_cuda_ops" / "csrc"
+# Read at collection time: some test directories point STM_CACHE at a temporary folder while they run,
+# which would make every session rebuild the emulation.
+EMULATION_CACHE = Path(os.environ.get("STM_CACHE", Path.home() / ".cache" / "stm")).expanduser() / "torch_extensions"
+
+
+def build_emulated_ops():
+    """Compile csrc/ms_deform_attn_cuda.cu as host C++ against the CUDA emulation (tests/emulation)
+    and load it as torch.ops.stm_cuda_ops_emulated.
+
+    A separate library, built here and never by setup.py, so the normal build is unchanged. Cached
+    under ${STM_CACHE:-~/.cache/stm}/torch_extensions (outside the clone); ninja's dependency files
+    rebuild it when the kernels, the shared headers or the emulation change, and the directory name
+    carries the torch version and the Python ABI.
+    """
+    if hasattr(torch.ops, "stm_cuda_ops_emulated") and hasattr(torch.ops.stm_cuda_ops_emulated, "selftest"):
+        return torch.ops.stm_cuda_ops_emulated
+    from torch.utils import cpp_extension
+
+    build_dir = EMULATION_CACHE / f"stm_cuda_ops_emulated-torch{torch.__version__}-{sys.implementation.cache_tag}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name="stm_cuda_ops_emulated",
+        sources=[str(EMULATION_DIR / "emulated_op.cpp"), str(EMULATION_DIR / "emulated_kernels.cpp")],
+        extra_include_paths=[str(EMULATION_DIR / "include"), str(CSRC_DIR)],
+        extra_cflags=["-O2", "-ffp-contract=off", "-DSTM_CUDA_EMULATION", "-fvisibility=hidden"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )
+    return torch.ops.stm_cuda_ops_emulated
+
+
+@pytest.fixture(scope="session")
+def emulated():
+    """torch.ops.stm_cuda_ops_emulated: the CUDA kernels run on the CPU (see tests/emulation).
+
+    Needs only a C++ compiler (the one that builds the extension); a failed build fails the tests.
+    """
+    ops = build_emulated_ops()
+    ops.configure(0, 1 << 20)
+    yield ops
+    ops.configure(0, 1 << 20)
 
 
 def level_index(spatial_shapes: torch.Tensor) -> torch.Tensor:

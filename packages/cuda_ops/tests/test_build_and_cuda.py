@@ -1,6 +1,8 @@
 """Build checks (what was compiled in), the fallback without the extension, and CUDA tests.
 
-The CUDA tests need a GPU and are skipped without one; the build checks run everywhere."""
+The CUDA tests need a GPU and are skipped without one (STM_REQUIRE_GPU=1, set by `nox -s gpu_check`,
+makes them run, and fail, instead); the build checks run everywhere. The same CUDA kernels run on
+the CPU in test_cuda_emulated.py."""
 
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import torch
 import stm_cuda_ops
 from stm_cuda_ops import ms_deform_attn, ms_deform_attn_reference
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("STM_REQUIRE_GPU") != "1",
+                               reason="needs a CUDA device")
 
 
 def test_build_info(ops):
@@ -143,3 +146,83 @@ def test_cuda_autocast_compile_and_errors(ops, make_inputs):
         ms_deform_attn(torch.cat([value, value[:, :1]], 1), shapes, starts, loc, attn)
     empty = ms_deform_attn(value[:0], shapes, starts, loc[:0], attn[:0])
     assert empty.shape == (0, 6, 16) and empty.is_cuda
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_cuda_gradcheck_and_backward_opcheck(ops, make_inputs):
+    value, shapes, starts, loc, attn = _cuda_inputs(make_inputs, torch.float64, N=2, Lq=3, M=2, D=3,
+                                                    shapes=((3, 4), (2, 2)), P=2, smooth=True, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda v, lo, a: ms_deform_attn(v, shapes, starts, lo, a), (value, loc, attn), eps=1e-6, atol=1e-7
+    )
+    grad_out = torch.randn(2, 3, 6, dtype=torch.float64, device="cuda")
+    torch.library.opcheck(ops.ms_deform_attn_backward,
+                          (value.detach(), shapes, starts, loc.detach(), attn.detach(), grad_out, 64))
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_cuda_nonfinite_locations_are_out_of_range(ops, make_inputs):
+    value, shapes, starts, loc, attn = _cuda_inputs(make_inputs, torch.float32, N=1, Lq=3, M=2, D=8)
+    loc = loc.clone()
+    loc[0, 0] = float("nan")
+    loc[0, 1] = float("inf")
+    loc[0, 2] = -1e30
+    got = _grads(ms_deform_attn, (value, shapes, starts, loc, attn), torch.ones(1, 3, 16, device="cuda"))
+    for t in got:
+        assert torch.isfinite(t).all() and not t.any()
+
+
+@needs_gpu
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_agrees_with_its_cpu_emulation(ops, emulated, make_inputs, dtype):
+    """The emulation that runs these kernels in the CPU test suite computes what the GPU computes
+    (up to the GPU's fused multiply-adds and the order of its atomic additions)."""
+    inputs = make_inputs(N=3, Lq=9, M=2, D=24, shapes=((7, 6), (3, 3)), P=4, dtype=dtype, seed=2)
+    grad_out = torch.randn(3, 9, 48, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    cuda = _grads(ms_deform_attn, [t.cuda() for t in inputs], grad_out.cuda())
+    out = emulated.ms_deform_attn_forward(*inputs, 64)
+    emu = (out, *emulated.ms_deform_attn_backward(*inputs, grad_out, 64))
+    tol = {"atol": 1e-12, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-4}
+    for name, c, e in zip(("output", "grad_value", "grad_loc", "grad_attn"), cuda, emu):
+        torch.testing.assert_close(c.cpu(), e, **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@needs_gpu
+@pytest.mark.cuda
+def test_cuda_indexing_beyond_2_31_elements(ops):
+    """An output of more than 2^31 elements (N*Lq*M*D): 64-bit index arithmetic and the grid-stride
+    loops (the grid is capped at 2^20 blocks of 256 threads). Checked on the last queries against
+    the reference, and grad_value through an invariant: with every sample inside the map and
+    grad_output = 1, grad_value sums to D * sum of the attention weights."""
+    M, D, P = 1, 16, 1
+    Lq = (1 << 31) // (M * D) + 1024  # N * Lq * M * D > 2^31
+    H = W = 128
+    need = Lq * M * D * 4 * 2 + Lq * P * 4 * 6 + (1 << 30)  # output + grad_output, locations/weights + grads
+    free, _ = torch.cuda.mem_get_info()
+    if free < need:
+        pytest.skip(f"memory: needs about {need / 2**30:.1f} GiB of GPU memory, {free / 2**30:.1f} GiB free")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    value = torch.randn(1, H * W, M, D, device="cuda", generator=g)
+    shapes = torch.tensor([[H, W]], device="cuda")
+    starts = torch.zeros(1, dtype=torch.long, device="cuda")
+    loc = (torch.rand(1, Lq, M, 1, P, 2, device="cuda", generator=g) * (H - 2) + 1) / H  # 1 px inside the edges
+    attn = torch.rand(1, Lq, M, 1, P, device="cuda", generator=g)
+    out = ms_deform_attn(value, shapes, starts, loc, attn)
+    assert out.numel() > 2**31
+    tail = slice(Lq - 256, Lq)
+    want = ms_deform_attn_reference(value, shapes, starts, loc[:, tail], attn[:, tail])
+    torch.testing.assert_close(out[:, tail], want, atol=1e-5, rtol=1e-5)
+    grad_value, grad_loc, grad_attn = ops.ms_deform_attn_backward(value, shapes, starts, loc, attn,
+                                                                  torch.ones_like(out), 64)
+    del out
+    leaves = [t.detach().clone().requires_grad_(True) for t in (loc[:, tail], attn[:, tail])]
+    ref_tail = ms_deform_attn_reference(value, shapes, starts, leaves[0], leaves[1])
+    want_loc, want_attn = torch.autograd.grad(ref_tail, leaves, torch.ones_like(ref_tail))
+    torch.testing.assert_close(grad_loc[:, tail], want_loc, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(grad_attn[:, tail], want_attn, atol=1e-4, rtol=1e-4)
+    total = grad_value.double().sum().item()
+    expected = D * attn.double().sum().item()
+    assert abs(total - expected) <= 1e-4 * expected, (total, expected)

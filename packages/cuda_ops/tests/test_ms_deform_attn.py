@@ -9,6 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import stm_cuda_ops
 from stm_cuda_ops import ms_deform_attn, ms_deform_attn_reference
 
 F64 = {"atol": 1e-12, "rtol": 1e-10}
@@ -310,6 +311,45 @@ def test_nan_and_inf_locations_are_out_of_range(ops, make_inputs):
     loc[0, 2] = -1e30
     out, g_value, g_loc, g_attn = grads(ms_deform_attn, (value, shapes, starts, loc, attn))
     assert not out.any() and not g_value.any() and not g_loc.any() and not g_attn.any()
+
+
+@pytest.mark.parametrize("fn", [ms_deform_attn, ms_deform_attn_reference], ids=["op", "reference"])
+def test_nonfinite_locations_same_with_and_without_extension(make_inputs, fn):
+    """NaN/inf locations are out of range in the compiled kernels and in the pure-PyTorch fallback
+    alike (zero output and gradients), so results do not depend on whether the extension is built;
+    the finite samples of the same rows are unaffected."""
+    if fn is ms_deform_attn and not stm_cuda_ops.has_compiled_op():
+        pytest.skip("compiled extension not loaded")
+    value, shapes, starts, loc, attn = make_inputs(N=2, Lq=4, M=2, D=4, shapes=((4, 5), (3, 2)), P=2, seed=4)
+    clean = loc.clone()
+    loc = loc.clone()
+    loc[0, 0, 0, 0, 0, 0] = float("nan")
+    loc[0, 1, 1, 1, 1, 1] = float("inf")
+    loc[1, 2, 0, 1, 0, 0] = -float("inf")
+    loc[1, 3, 1, 0, 1] = float("nan")
+    bad = ~torch.isfinite(loc).all(-1)  # (N, Lq, M, L, P)
+    out, g_value, g_loc, g_attn = grads(fn, (value, shapes, starts, loc, attn))
+    assert torch.isfinite(out).all() and torch.isfinite(g_value).all()
+    assert torch.isfinite(g_loc).all() and torch.isfinite(g_attn).all()
+    assert not g_loc[bad].any() and not g_attn[bad].any()
+    # Same as dropping those samples (attention weight 0 at a finite location).
+    dropped = attn.masked_fill(bad, 0)
+    want = grads(ms_deform_attn_reference, (value, shapes, starts, clean, dropped))
+    torch.testing.assert_close(out, want[0], **F64)
+    torch.testing.assert_close(g_value, want[1], **F64)
+    torch.testing.assert_close(g_loc[~bad], want[2][~bad], **F64)
+    torch.testing.assert_close(g_attn[~bad], want[3][~bad], **F64)
+
+
+@pytest.mark.parametrize("fn", [ms_deform_attn, ms_deform_attn_reference], ids=["op", "reference"])
+@pytest.mark.parametrize("position,name", list(enumerate(
+    ["value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights"])))
+def test_numpy_input_is_a_type_error_naming_the_argument(make_inputs, fn, position, name):
+    inputs = list(make_inputs(N=1, Lq=2, M=1, D=2, shapes=((2, 3),), P=1))
+    inputs[position] = inputs[position].numpy()
+    with pytest.raises(TypeError, match=rf"ms_deform_attn: {name} must be a torch.Tensor, got numpy.ndarray "
+                                        r"\(convert it with torch.from_numpy"):
+        fn(*inputs)
 
 
 # ------------------------------------------------------------------------------------------------

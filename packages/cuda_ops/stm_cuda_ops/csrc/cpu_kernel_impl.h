@@ -28,6 +28,8 @@
 #error "define STM_ISA_NS before including cpu_kernel_impl.h"
 #endif
 
+#include "bilinear.h"
+
 namespace stm_cuda_ops {
 namespace cpu {
 namespace STM_ISA_NS {
@@ -62,24 +64,20 @@ struct Layout {
 };
 
 // Pass 1. For each sample j: x0/y0 = floor of the pixel coordinates and fx/fy = the fractional
-// parts, or x0 = kOutside when the sample is out of range (NaN included). Out-of-range coordinates
-// are replaced by 0 before the integer conversion, which therefore never overflows; for in-range
-// X in (-1, W), floor(X) is -1 below zero and the truncation otherwise.
+// parts, or x0 = kOutside when the sample is out of range (NaN and infinities included). The
+// arithmetic is bilinear::footprint, shared with the CUDA kernels; it is branch-free, so this loop
+// vectorises across samples.
 template <typename T>
 inline void footprints(const T* __restrict__ loc, const T* __restrict__ Wf,
                        const T* __restrict__ Hf, int64_t J, int32_t* __restrict__ x0,
                        int32_t* __restrict__ y0, T* __restrict__ fx, T* __restrict__ fy) {
   for (int64_t j = 0; j < J; ++j) {
-    const T X = loc[2 * j] * Wf[j] - static_cast<T>(0.5);
-    const T Y = loc[2 * j + 1] * Hf[j] - static_cast<T>(0.5);
-    const bool inside = (X > static_cast<T>(-1)) & (X < Wf[j]) & (Y > static_cast<T>(-1)) &
-                        (Y < Hf[j]);
-    const T Xs = inside ? X : static_cast<T>(0);
-    const T Ys = inside ? Y : static_cast<T>(0);
-    const int32_t xi = static_cast<int32_t>(Xs) - static_cast<int32_t>(Xs < static_cast<T>(0));
-    const int32_t yi = static_cast<int32_t>(Ys) - static_cast<int32_t>(Ys < static_cast<T>(0));
-    fx[j] = Xs - static_cast<T>(xi);
-    fy[j] = Ys - static_cast<T>(yi);
+    int32_t xi, yi;
+    T fxj, fyj;
+    const bool inside =
+        bilinear::footprint<T, int32_t>(loc[2 * j], loc[2 * j + 1], Wf[j], Hf[j], xi, yi, fxj, fyj);
+    fx[j] = fxj;
+    fy[j] = fyj;
     x0[j] = inside ? xi : kOutside;
     y0[j] = yi;
   }
@@ -90,18 +88,18 @@ inline void footprints(const T* __restrict__ loc, const T* __restrict__ Wf,
 template <typename P>
 inline void corner_rows(int64_t x0, int64_t y0, int64_t W, int64_t H, P* base, int64_t stride,
                         P* const* outside, P** rows) {
-  const int64_t o = (y0 * W + x0) * stride;
-  const bool top = y0 >= 0, bottom = y0 + 1 < H, left = x0 >= 0, right = x0 + 1 < W;
-  if (top & bottom & left & right) {
+  const int64_t o = bilinear::corner_offset<int64_t>(x0, y0, W) * stride;
+  const bilinear::Corners c = bilinear::corners<int64_t>(x0, y0, W, H);
+  if (c.all()) {
     rows[0] = base + o;
     rows[1] = rows[0] + stride;
     rows[2] = rows[0] + W * stride;
     rows[3] = rows[2] + stride;
   } else {
-    rows[0] = (top && left) ? base + o : outside[0];
-    rows[1] = (top && right) ? base + (o + stride) : outside[1];
-    rows[2] = (bottom && left) ? base + (o + W * stride) : outside[2];
-    rows[3] = (bottom && right) ? base + (o + W * stride + stride) : outside[3];
+    rows[0] = c.c00() ? base + o : outside[0];
+    rows[1] = c.c01() ? base + (o + stride) : outside[1];
+    rows[2] = c.c10() ? base + (o + W * stride) : outside[2];
+    rows[3] = c.c11() ? base + (o + W * stride + stride) : outside[3];
   }
 }
 
@@ -131,10 +129,8 @@ void forward_impl(const Geometry& g, const T* value, const T* loc, const T* attn
       for (int64_t k = 0; k < LP; ++k) {
         const int64_t j = m * LP + k;
         if (x0[j] == kOutside) continue;
-        const T a = arow[j];
-        const T ax = a * fx[j], agx = a - ax;  // a * lx', a * hx
-        const T w00 = agx - agx * fy[j], w01 = ax - ax * fy[j];
-        const T w10 = agx * fy[j], w11 = ax * fy[j];
+        T w00, w01, w10, w11;  // bilinear weights times the attention weight
+        bilinear::corner_weights<T>(arow[j], fx[j], fy[j], w00, w01, w10, w11);
         const T* v[4];
         corner_rows<const T>(x0[j], y0[j], lay.W[k], lay.H[k], vm + lay.st[k] * vstride, vstride,
                              zeros, v);
@@ -255,27 +251,26 @@ void backward_impl(const Geometry& g, const T* value, const T* loc, const T* att
         corner_rows<const T>(x0[j], y0[j], lay.W[k], lay.H[k], vm + base, vstride, zeros, v);
         corner_rows<T>(x0[j], y0[j], lay.W[k], lay.H[k], gvm + base, vstride, dump, gv);
         dot4<T>(go, v[0], v[1], v[2], v[3], D, dots.data() + 4 * j);
-        const T a = arow[j];
-        const T ax = a * fx[j], agx = a - ax;
-        axpy<T>(gv[0], go, agx - agx * fy[j], D);
-        axpy<T>(gv[1], go, ax - ax * fy[j], D);
-        axpy<T>(gv[2], go, agx * fy[j], D);
-        axpy<T>(gv[3], go, ax * fy[j], D);
+        T w00, w01, w10, w11;
+        bilinear::corner_weights<T>(arow[j], fx[j], fy[j], w00, w01, w10, w11);
+        axpy<T>(gv[0], go, w00, D);
+        axpy<T>(gv[1], go, w01, D);
+        axpy<T>(gv[2], go, w10, D);
+        axpy<T>(gv[3], go, w11, D);
       }
     }
-    // Pass 3: with e_c = <grad_out, V(corner c)> (zero for corners outside the map),
-    //   d out / d a = sum_c w_c e_c
-    //   d out / d X = a * (hy (e01 - e00) + ly' (e11 - e10)),  X = lx * W - 0.5
-    //   d out / d Y = a * (hx (e10 - e00) + lx' (e11 - e01)),  Y = ly * H - 0.5
+    // Pass 3: the per-sample gradients from e_c = <grad_out, V(corner c)> (zero for corners
+    // outside the map): bilinear::sample_grads, vectorised across samples.
     const T* e = dots.data();
     T* gl = grad_loc + row * J * 2;
     T* ga = grad_attn + row * J;
     for (int64_t j = 0; j < J; ++j) {
-      const T lx = fx[j], ly = fy[j], hx = T(1) - lx, hy = T(1) - ly, a = arow[j];
-      const T e00 = e[4 * j], e01 = e[4 * j + 1], e10 = e[4 * j + 2], e11 = e[4 * j + 3];
-      ga[j] = hy * (hx * e00 + lx * e01) + ly * (hx * e10 + lx * e11);
-      gl[2 * j] = lay.Wf[j] * a * (hy * (e01 - e00) + ly * (e11 - e10));
-      gl[2 * j + 1] = lay.Hf[j] * a * (hx * (e10 - e00) + lx * (e11 - e01));
+      T g_attn, g_lx, g_ly;
+      bilinear::sample_grads<T>(arow[j], fx[j], fy[j], lay.Wf[j], lay.Hf[j], e[4 * j],
+                                e[4 * j + 1], e[4 * j + 2], e[4 * j + 3], g_attn, g_lx, g_ly);
+      ga[j] = g_attn;
+      gl[2 * j] = g_lx;
+      gl[2 * j + 1] = g_ly;
     }
     for (int64_t j = 0; j < J; ++j) {  // out-of-range samples: exactly zero
       if (x0[j] == kOutside) {

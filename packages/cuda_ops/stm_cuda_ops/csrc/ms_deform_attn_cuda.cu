@@ -9,6 +9,10 @@
 // head: the G = gcd(D, 32) lanes that hold consecutive channels of the same (n, q, m) reduce with
 // warp shuffles, then one lane per group adds the partial sum atomically (a single add when D <= 32
 // and D is a power of two).
+//
+// The sampling arithmetic (footprint, range test, corner weights and bounds, per-sample gradients)
+// is bilinear.h, shared with the CPU kernels. Kernels are launched through STM_LAUNCH so that the
+// test suite can compile this file as host C++ and run it on the CPU (tests/emulation/).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -16,7 +20,13 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "bilinear.h"
 #include "cuda_kernels.h"
+
+// The CPU emulation of the tests defines its own launcher; nvcc uses the triple-chevron syntax.
+#ifndef STM_LAUNCH
+#define STM_LAUNCH(kernel, grid, block, shmem, stream) kernel<<<grid, block, shmem, stream>>>
+#endif
 
 namespace stm_cuda_ops {
 namespace cuda {
@@ -40,26 +50,6 @@ __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store(double* p, double v) { *p = v; }
 __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
-// Bilinear footprint; false when the sample is out of range (strict -1 < X < W, -1 < Y < H; NaN
-// fails too).
-template <typename A>
-__device__ __forceinline__ bool locate(A lx, A ly, int64_t H, int64_t W, A& fx, A& fy,
-                                       int64_t& x0, int64_t& y0) {
-  const A X = lx * static_cast<A>(W) - static_cast<A>(0.5);
-  const A Y = ly * static_cast<A>(H) - static_cast<A>(0.5);
-  if (!(Y > static_cast<A>(-1) && Y < static_cast<A>(H) && X > static_cast<A>(-1) &&
-        X < static_cast<A>(W))) {
-    return false;
-  }
-  const A xf = floor(X);
-  const A yf = floor(Y);
-  x0 = static_cast<int64_t>(xf);
-  y0 = static_cast<int64_t>(yf);
-  fx = X - xf;
-  fy = Y - yf;
-  return true;
-}
 
 template <typename T>
 __global__ void forward_kernel(const T* __restrict__ value, const int64_t* __restrict__ hw,
@@ -87,18 +77,18 @@ __global__ void forward_kernel(const T* __restrict__ value, const int64_t* __res
         const int64_t k = l * s.P + p;
         A fx, fy;
         int64_t x0, y0;
-        if (!locate<A>(load(lp + 2 * k), load(lp + 2 * k + 1), H, W, fx, fy, x0, y0)) continue;
-        const A gx = static_cast<A>(1) - fx, gy = static_cast<A>(1) - fy;
-        A v = 0;
-        if (y0 >= 0) {
-          if (x0 >= 0) v += gy * gx * load(vl + (y0 * W + x0) * vstride);
-          if (x0 + 1 < W) v += gy * fx * load(vl + (y0 * W + x0 + 1) * vstride);
+        if (!bilinear::footprint<A, int64_t>(load(lp + 2 * k), load(lp + 2 * k + 1),
+                                             static_cast<A>(W), static_cast<A>(H), x0, y0, fx, fy)) {
+          continue;
         }
-        if (y0 + 1 < H) {
-          if (x0 >= 0) v += fy * gx * load(vl + ((y0 + 1) * W + x0) * vstride);
-          if (x0 + 1 < W) v += fy * fx * load(vl + ((y0 + 1) * W + x0 + 1) * vstride);
-        }
-        acc += load(ap + k) * v;
+        A w00, w01, w10, w11;  // bilinear weights times the attention weight
+        bilinear::corner_weights<A>(load(ap + k), fx, fy, w00, w01, w10, w11);
+        const bilinear::Corners c = bilinear::corners<int64_t>(x0, y0, W, H);
+        const int64_t o00 = bilinear::corner_offset<int64_t>(x0, y0, W) * vstride;
+        if (c.c00()) acc += w00 * load(vl + o00);
+        if (c.c01()) acc += w01 * load(vl + (o00 + vstride));
+        if (c.c10()) acc += w10 * load(vl + (o00 + W * vstride));
+        if (c.c11()) acc += w11 * load(vl + (o00 + W * vstride + vstride));
       }
     }
     store(out + idx, acc);
@@ -145,26 +135,27 @@ __global__ void backward_kernel(const T* __restrict__ value, const int64_t* __re
         A g_attn = 0, g_x = 0, g_y = 0;
         A fx, fy;
         int64_t x0, y0;
-        if (locate<A>(load(lp + 2 * k), load(lp + 2 * k + 1), H, W, fx, fy, x0, y0)) {
+        if (bilinear::footprint<A, int64_t>(load(lp + 2 * k), load(lp + 2 * k + 1),
+                                            static_cast<A>(W), static_cast<A>(H), x0, y0, fx, fy)) {
           const A a = load(ap + k);
-          const A gx = static_cast<A>(1) - fx, gy = static_cast<A>(1) - fy;
-          const bool top = y0 >= 0, bottom = y0 + 1 < H, left = x0 >= 0, right = x0 + 1 < W;
-          const int64_t o00 = (y0 * W + x0) * vstride, o01 = o00 + vstride;
-          const int64_t o10 = o00 + W * vstride, o11 = o10 + vstride;
-          const A v00 = (top && left) ? load(vl + o00) : static_cast<A>(0);
-          const A v01 = (top && right) ? load(vl + o01) : static_cast<A>(0);
-          const A v10 = (bottom && left) ? load(vl + o10) : static_cast<A>(0);
-          const A v11 = (bottom && right) ? load(vl + o11) : static_cast<A>(0);
-          const A w00 = gy * gx, w01 = gy * fx, w10 = fy * gx, w11 = fy * fx;
-          g_attn = g * (w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11);
-          g_x = g * a * static_cast<A>(W) * (gy * (v01 - v00) + fy * (v11 - v10));
-          g_y = g * a * static_cast<A>(H) * (gx * (v10 - v00) + fx * (v11 - v01));
+          const bilinear::Corners c = bilinear::corners<int64_t>(x0, y0, W, H);
+          const int64_t o00 = bilinear::corner_offset<int64_t>(x0, y0, W) * vstride;
+          const int64_t o01 = o00 + vstride, o10 = o00 + W * vstride, o11 = o10 + vstride;
+          const A v00 = c.c00() ? load(vl + o00) : static_cast<A>(0);
+          const A v01 = c.c01() ? load(vl + o01) : static_cast<A>(0);
+          const A v10 = c.c10() ? load(vl + o10) : static_cast<A>(0);
+          const A v11 = c.c11() ? load(vl + o11) : static_cast<A>(0);
+          // This lane's channel share of e_c = <grad_out, V(corner c)>; the shuffles below sum the
+          // (linear) gradients over the channels of the head.
+          bilinear::sample_grads<A>(a, fx, fy, static_cast<A>(W), static_cast<A>(H), g * v00,
+                                    g * v01, g * v10, g * v11, g_attn, g_x, g_y);
           if (active) {
-            const A ag = a * g;
-            if (top && left) atomicAdd(gvl + o00, ag * w00);
-            if (top && right) atomicAdd(gvl + o01, ag * w01);
-            if (bottom && left) atomicAdd(gvl + o10, ag * w10);
-            if (bottom && right) atomicAdd(gvl + o11, ag * w11);
+            A w00, w01, w10, w11;  // bilinear weights times a * g
+            bilinear::corner_weights<A>(a * g, fx, fy, w00, w01, w10, w11);
+            if (c.c00()) atomicAdd(gvl + o00, w00);
+            if (c.c01()) atomicAdd(gvl + o01, w01);
+            if (c.c10()) atomicAdd(gvl + o10, w10);
+            if (c.c11()) atomicAdd(gvl + o11, w11);
           }
         }
         for (int off = group >> 1; off > 0; off >>= 1) {
@@ -184,10 +175,16 @@ __global__ void backward_kernel(const T* __restrict__ value, const int64_t* __re
 }
 
 constexpr int kThreads = 256;  // a multiple of 32 (the backward's shuffles rely on it)
-constexpr int64_t kMaxBlocks = int64_t(1) << 20;
+
+// Grid size cap; the grid-stride loops cover the rest. The CPU emulation of the tests lowers it at
+// run time, so that the loops run more than one iteration on small inputs.
+#ifndef STM_CUDA_MAX_BLOCKS
+#define STM_CUDA_MAX_BLOCKS (int64_t(1) << 20)
+#endif
 
 inline unsigned blocks_for(int64_t total) {
-  return static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, kMaxBlocks));
+  const int64_t cap = STM_CUDA_MAX_BLOCKS;
+  return static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, cap));
 }
 
 inline int gcd32(int64_t d) {
@@ -201,7 +198,7 @@ int launch_forward(const Sizes& s, const void* value, const int64_t* hw, const i
                    const void* loc, const void* attn, void* out, cudaStream_t stream) {
   const int64_t total = s.N * s.Lq * s.M * s.D;
   if (total <= 0) return 0;
-  forward_kernel<T><<<blocks_for(total), kThreads, 0, stream>>>(
+  STM_LAUNCH(forward_kernel<T>, blocks_for(total), kThreads, 0, stream)(
       static_cast<const T*>(value), hw, start, static_cast<const T*>(loc),
       static_cast<const T*>(attn), static_cast<T*>(out), s, total);
   return static_cast<int>(cudaGetLastError());
@@ -214,7 +211,7 @@ int launch_backward(const Sizes& s, const void* value, const int64_t* hw, const 
   using A = typename AccType<T>::type;
   const int64_t total = s.N * s.Lq * s.M * s.D;
   if (total <= 0) return 0;
-  backward_kernel<T><<<blocks_for(total), kThreads, 0, stream>>>(
+  STM_LAUNCH(backward_kernel<T>, blocks_for(total), kThreads, 0, stream)(
       static_cast<const T*>(value), hw, start, static_cast<const T*>(loc),
       static_cast<const T*>(attn), static_cast<const T*>(grad_out), static_cast<A*>(grad_value),
       static_cast<A*>(grad_loc), static_cast<A*>(grad_attn), s, total, gcd32(s.D));

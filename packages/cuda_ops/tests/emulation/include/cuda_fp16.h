@@ -1,0 +1,3 @@
+// Stand-in for the CUDA toolkit header <cuda_fp16.h> in the CPU emulation (see stm_cuda_emulation.h).
+#pragma once
+#include "stm_cuda_emulation.h"
