@@ -21,7 +21,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # The app's modules live next to this file (package stm_cls); make them importable however we are run.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from stm_cls.config import DIGITS_DEFAULTS, apply_digits_defaults, explicit_dests, str2bool  # noqa: E402
+# Standard library only (see stm_cls/config.py): --help and argument errors never wait for torch.
+from stm_cls.config import (  # noqa: E402
+    DIGITS_DEFAULTS,
+    apply_digits_defaults,
+    explicit_dests,
+    parse_model_kwarg,
+    str2bool,
+)
 
 EXIT_CONFIG_ERROR = 2
 EXIT_NONFINITE_LOSS = 3
@@ -44,6 +51,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--input_size", default=224, type=int, help="train crop / eval image size (also the model's img_size)")
     g.add_argument("--layer_scale_init_value", default=1e-6, type=float,
                    help="initial layer-scale value, passed to unified_*/official_* model constructors")
+    g.add_argument("--drop_path", default=None, type=float,
+                   help="max stochastic-depth rate (linearly increasing over blocks). Unset: the model's own "
+                        "per-size rate, the study's (micro 0.0; tiny 0.1 ConvNeXt/PVT/DCNv3, 0.2 Halo/Swin; "
+                        "small 0.3, ConvNeXt 0.4; base 0.5); timm models: their default")
+    g.add_argument("--pretrained", default=False, type=str2bool,
+                   help="initialise from the model's pretrained weights (timm's pretrained_cfg); the classifier "
+                        "is re-initialised when --nb_classes differs from the weights' class count")
+    g.add_argument("--pretrained_path", default="", type=str,
+                   help="pretrained weights from this file instead (implies --pretrained; timm's "
+                        "pretrained_cfg_overlay=dict(file=...)), e.g. the study's unified_halonet_tiny.pth")
+    g.add_argument("--grad_checkpointing", default=False, type=str2bool,
+                   help="activation (gradient) checkpointing: recompute each block in the backward pass, "
+                        "trading compute for memory (model.set_grad_checkpointing)")
+    g.add_argument("--model_kwargs", default={}, nargs="*", type=parse_model_kwarg, metavar="KEY=VALUE",
+                   help="extra model constructor arguments; values are Python literals (3, 0.1, True, None, "
+                        "(2,2,6,2), 'text') or bare words taken as strings, e.g. --model_kwargs depths=(2,2,2,2)")
     g.add_argument("--compile", default=False, type=str2bool, help="wrap the model in torch.compile")
 
     g = p.add_argument_group("EMA")
@@ -75,11 +98,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--smoothing", default=0.1, type=float, help="label smoothing")
     g.add_argument("--train_interpolation", default="bicubic", type=str, help="train resize interpolation (random, bilinear, bicubic)")
     g.add_argument("--repeated_aug", default=False, type=str2bool, help="repeated-augmentation sampler (3 repeats)")
-    g.add_argument("--crop_pct", default=0.875, type=float, help="eval: resize to input_size / crop_pct, then centre-crop")
+    g.add_argument("--crop_pct", default=None, type=float,
+                   help="eval: resize to input_size / crop_pct, then centre-crop. Unset: the model's pretrained_cfg "
+                        "(0.875 for the study's models), and at --input_size >= 384 a plain resize without crop, "
+                        "as in the study")
+    g.add_argument("--eval_interpolation", default=None, type=str, choices=["bilinear", "bicubic", "nearest"],
+                   help="eval resize interpolation (unset: the model's pretrained_cfg, bicubic for the study's models)")
     g.add_argument("--reprob", default=0.25, type=float, help="random-erasing probability")
     g.add_argument("--remode", default="pixel", type=str, help="random-erasing fill mode (const, rand, pixel)")
     g.add_argument("--recount", default=1, type=int, help="random-erasing box count")
-    g.add_argument("--resplit", default=False, type=str2bool, help="accepted for compatibility; unused")
     g.add_argument("--mixup", default=0.8, type=float, help="mixup alpha (0 = off)")
     g.add_argument("--cutmix", default=1.0, type=float, help="cutmix alpha (0 = off)")
     g.add_argument("--cutmix_minmax", default=None, type=float, nargs="+", help="cutmix min/max box ratio (overrides alpha)")
@@ -89,7 +116,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("finetuning")
     g.add_argument("--finetune", default="", type=str, help="initialise from this checkpoint (path or URL), leniently")
-    g.add_argument("--head_init_scale", default=1.0, type=float, help="accepted for compatibility; unused")
+    g.add_argument("--head_init_scale", default=1.0, type=float,
+                   help="multiply the newly initialised classifier's weight and bias by this (ConvNeXt's finetuning "
+                        "trick; a head loaded from --finetune/--pretrained weights of the same shape keeps its values)")
     g.add_argument("--model_key", default="model|module", type=str, help="keys tried in order inside a finetune checkpoint")
     g.add_argument("--model_prefix", default="", type=str, help="key prefix selected (and stripped) when finetuning")
 
@@ -100,14 +129,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "reference's ./minidata): the embedded scikit-learn digits, written once to "
                         "${STM_CACHE:-~/.cache/stm}/digits_imagenet, nb_classes=10, and these defaults unless given on "
                         f"the command line: {digits_note}, train crops scale (0.6, 1) without flips")
-    g.add_argument("--eval_data_path", default=None, type=str, help="accepted for compatibility; unused")
     g.add_argument("--data_on_memory", default=False, type=str2bool,
                    help="read all encoded images into RAM first (whole dataset per process: for small datasets)")
     g.add_argument("--nb_classes", default=1000, type=int,
                    help="number of classes (list labels must be below it; class-folder/digits data set it)")
-    g.add_argument("--imagenet_default_mean_and_std", default=True, type=str2bool,
-                   help="ImageNet mean/std normalisation (false: Inception 0.5/0.5)")
-    g.add_argument("--data_set", default="IMNET1k", choices=["IMNET1k"], type=str, help="dataset type")
+    g.add_argument("--imagenet_default_mean_and_std", default=None, type=str2bool,
+                   help="true: ImageNet mean/std normalisation; false: Inception 0.5/0.5; unset: the model's "
+                        "pretrained_cfg (ImageNet's for the study's models)")
     g.add_argument("--max_failed_images", default=100, type=int,
                    help="stop when more distinct images than this (per process) failed to decode (-1 = no limit); "
                         "50 consecutive failures always stop")
@@ -126,6 +154,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_ckpt_num", default=3, type=int, help="number of rolling epoch checkpoints kept")
     g.add_argument("--start_epoch", default=0, type=int, help="first epoch (set by resuming)")
     g.add_argument("--eval", default=False, type=str2bool, help="only evaluate (--resume CKPT), evaluating its 'model'")
+    g.add_argument("--eval_random_weights", default=False, type=str2bool,
+                   help="allow --eval without any checkpoint or pretrained weights (evaluates a random initialisation)")
+    g.add_argument("--trust_checkpoint", default=False, type=str2bool,
+                   help="unpickle checkpoint files fully (--resume, --finetune, auto-resume). Off: only tensors, plain "
+                        "containers and argparse.Namespace are loaded, and a file holding anything else is refused, "
+                        "since unpickling it could run arbitrary code. Turn on only for files whose origin you trust")
     g.add_argument("--dist_eval", default=True, type=str2bool, help="shard validation over processes (no padding)")
     g.add_argument("--disable_eval", default=False, type=str2bool, help="skip validation (also turns off --dist_eval)")
     g.add_argument("--num_workers", default=10, type=int, help="data-loading worker processes per process")
@@ -137,7 +171,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("distributed (world size and ranks come from torchrun, SLURM or OpenMPI env vars)")
     g.add_argument("--world_size", default=1, type=int, help="overwritten from the environment")
-    g.add_argument("--local_rank", default=-1, type=int, help="unused (LOCAL_RANK is read from the environment)")
+    g.add_argument("--local_rank", default=-1, type=int,
+                   help="accepted because torch.distributed.launch passes it; LOCAL_RANK is read from the environment")
     g.add_argument("--dist_on_itp", default=False, type=str2bool, help="read OpenMPI variables for rank/world size")
     g.add_argument("--dist_url", default="env://", help="process-group init URL")
 
@@ -152,6 +187,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = get_args_parser().parse_args(argv)
+    args.model_kwargs = dict(args.model_kwargs or {})  # [(key, value), ...] from the parser; a later key wins
     if args.data_path is None:
         for note in apply_digits_defaults(args, explicit_dests(get_args_parser, argv)):
             print(f"[digits defaults] {note}")
@@ -161,15 +197,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     # Heavy imports after argument parsing, so --help and argument errors are instant.
-    from stm_cls.checkpoint import CheckpointError
+    from stm_cls.checkpoint import CheckpointError, WriteError
     from stm_cls.datasets import DatasetError, UnreadableDataError
     from stm_cls.engine import NonFiniteLossError
-    from stm_cls.models import UnknownModelError
+    from stm_cls.models import ModelConfigError, UnknownModelError
     from stm_cls.train import ConfigError, run
 
     try:
         run(args)
-    except (DatasetError, UnknownModelError, ConfigError, CheckpointError, FileNotFoundError) as exc:
+    except (DatasetError, UnknownModelError, ModelConfigError, ConfigError, CheckpointError,
+            FileNotFoundError, WriteError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except NonFiniteLossError as exc:

@@ -1,10 +1,14 @@
-"""Argument helpers: boolean parsing, explicitly-given detection, and the digits-dataset defaults."""
+"""Argument helpers: boolean parsing, explicitly-given detection, and the digits-dataset defaults.
+
+Imports only the standard library at module level: ``main.py --help`` builds the parser from this
+module, and must not wait for torch/timm (about 20 s on a busy machine) just to print text.
+"""
 
 from __future__ import annotations
 
 import argparse
-
-from .digits import DIGITS_NUM_CLASSES, ensure_digits_dataset
+import ast
+import re
 
 TRUE_STRINGS = {"yes", "true", "t", "y", "1"}
 FALSE_STRINGS = {"no", "false", "f", "n", "0"}
@@ -55,8 +59,11 @@ def apply_digits_defaults(args, given: set[str]) -> list[str]:
 
     Returns human-readable notes of what was changed (printed by main).
     """
+    from .digits import DIGITS_NUM_CLASSES, ensure_digits_dataset  # imports stm_backbones (torch): keep lazy
+
     args.data_path = ensure_digits_dataset()
     args.nb_classes = DIGITS_NUM_CLASSES
+    args.class_names = [str(i) for i in range(DIGITS_NUM_CLASSES)]  # saved with args: predict.py's labels
     notes = [f"no --data_path: using the embedded digits dataset at {args.data_path} (nb_classes=10)"]
     for name, value in DIGITS_DEFAULTS.items():
         if name not in given:
@@ -66,3 +73,27 @@ def apply_digits_defaults(args, given: set[str]) -> list[str]:
         setattr(args, name, value)
     notes.append(f"train crop scale {DIGITS_TRANSFORM['train_crop_scale']}, no horizontal flip")
     return notes
+
+
+# A bare word given as a --model_kwargs value is taken as a string (act_layer=gelu); anything else must
+# be a Python literal, so that a typo such as depths=[2,2 fails instead of becoming the string "[2,2".
+_BARE_WORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-/]*$")
+
+
+def parse_model_kwarg(text: str) -> tuple[str, object]:
+    """``key=value`` from ``--model_kwargs``: the value is ``ast.literal_eval``'d (numbers, booleans,
+    None, tuples, lists, dicts, quoted strings) or kept as a string when it is a bare word."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected key=value with a Python identifier as key, got {text!r}")
+    raw = raw.strip()
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
+        if not _BARE_WORD.match(raw):
+            raise argparse.ArgumentTypeError(
+                f"{key}={raw!r}: not a Python literal ({type(exc).__name__}); write numbers, True/False/None, "
+                f"tuples/lists like (2,2,6,2), or quote strings") from None
+        value = raw
+    return key, value

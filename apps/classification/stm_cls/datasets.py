@@ -92,15 +92,25 @@ def scan_class_folders(split_dir: str, class_to_idx: dict[str, int] | None = Non
     if unknown:
         raise DatasetError(f"{split_dir}: class folder(s) {unknown[:5]} do not exist in the training set")
     samples = []
+    empty = []
     for name in found:
         cls_dir = os.path.join(split_dir, name)
+        before = len(samples)
         for dirpath, _, files in sorted(os.walk(cls_dir, followlinks=True)):
             for fname in sorted(files):
                 if fname.lower().endswith(IMAGE_EXTENSIONS):
                     rel = os.path.relpath(os.path.join(dirpath, fname), split_dir)
                     samples.append((rel, class_to_idx[name]))
+        if len(samples) == before:
+            empty.append(name)
     if not samples:
         raise DatasetError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {split_dir}")
+    if empty:
+        # A class folder without images would silently become a class that can never be learned (train) or
+        # a folder whose images were forgotten (val).
+        shown = ", ".join(os.path.join(split_dir, n) for n in empty[:5]) + (" ..." if len(empty) > 5 else "")
+        raise DatasetError(f"{len(empty)} class folder(s) hold no images ({', '.join(IMAGE_EXTENSIONS)}): {shown}; "
+                           f"add images or remove the folder(s)")
     classes = sorted(class_to_idx, key=class_to_idx.get)
     return classes, samples
 
@@ -165,15 +175,20 @@ def decode_rgb(data: bytes) -> Image.Image:
 class ImageListDataset(Dataset):
     """(image, label) pairs from a list of (path relative to ``image_dir``, label).
 
-    A file that cannot be read or decoded is reported on stderr (once per file) and replaced by the
-    next index, as the reference does; more than 50 consecutive failures, or more than
-    ``max_failed`` distinct failures, raise an error that stops the run.
+    Training (``skip_unreadable=False``): a file that cannot be read or decoded is reported on stderr
+    (once per file) and replaced by the next index, as the reference does. Evaluation
+    (``skip_unreadable=True``): it is reported and yields ``SKIPPED`` instead, which
+    :func:`collate_skipping` drops, so each readable image is counted exactly once and the unreadable
+    ones are not counted (a replacement would count its neighbour twice). Either way more than 50
+    consecutive failures, or more than ``max_failed`` distinct failures, raise an error that stops the run.
     """
 
-    def __init__(self, image_dir: str, samples, transform=None, max_failed: int = 100, in_memory: bool = False):
+    def __init__(self, image_dir: str, samples, transform=None, max_failed: int = 100, in_memory: bool = False,
+                 skip_unreadable: bool = False):
         self.image_dir = image_dir
         self.samples = list(samples)
         self.transform = transform
+        self.skip_unreadable = skip_unreadable
         self.failures = FailureTracker(len(self.samples), max_failed)
         self.cache = None
         if in_memory:  # --data_on_memory: hold the encoded bytes in RAM (meant for small datasets)
@@ -211,17 +226,36 @@ class ImageListDataset(Dataset):
             except Exception as exc:  # any decoder error means "unreadable image"
                 first, total = self.failures.record(i)
                 if first:
+                    instead = "it is not counted" if self.skip_unreadable else "using the next sample instead"
                     print(f"WARNING: skipping unreadable image {self.path(i)} ({type(exc).__name__}: {exc}); "
-                          f"using the next sample instead", file=sys.stderr, flush=True)
+                          f"{instead}", file=sys.stderr, flush=True)
                 if 0 <= self.failures.limit < total:
                     raise UnreadableDataError(f"{total} unreadable images so far (last: {self.path(i)}), more than "
                                        f"--max_failed_images={self.failures.limit}; check the dataset") from exc
+                if self.skip_unreadable:
+                    return SKIPPED
         else:
             raise UnreadableDataError(f"more than {MAX_CONSECUTIVE_FAILURES} consecutive unreadable images starting at "
                                f"{self.path(index)}; check the dataset")
         if self.transform is not None:
             img = self.transform(img)
         return img, self.samples[i][1]
+
+
+SKIPPED = None  # what an evaluation dataset yields for an unreadable image
+
+
+def collate_skipping(batch):
+    """default_collate over the readable samples; returns (images, targets, number skipped).
+
+    A batch in which every image was unreadable gives empty tensors (the evaluation loop skips them).
+    """
+    kept = [b for b in batch if b is not SKIPPED]
+    skipped = len(batch) - len(kept)
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    images, targets = torch.utils.data.default_collate(kept)
+    return images, targets, skipped
 
 
 # --------------------------------------------------------------------------------------------------
@@ -248,9 +282,58 @@ def _patch_timm_posterize() -> None:
 
 
 def normalization(args):
-    if args.imagenet_default_mean_and_std:
+    """(mean, std): --imagenet_default_mean_and_std true/false, unset: the model's pretrained_cfg (the
+    weights a pretrained model expects; ImageNet's for the study's models). Old checkpoints' args hold
+    True here, which keeps their meaning."""
+    choice = getattr(args, "imagenet_default_mean_and_std", None)
+    if choice is None:
+        from .models import pretrained_cfg_of
+
+        cfg = pretrained_cfg_of(getattr(args, "model", ""))
+        if cfg.get("mean") and cfg.get("std"):
+            return tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])
+        choice = True
+    if choice:
         return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     return IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+
+
+def eval_transform_config(args, input_size: int | None = None) -> dict:
+    """The evaluation transform as plain values: what the user set, else the model's pretrained_cfg.
+
+    {'input_size', 'crop_pct', 'crop_mode' ('center': resize the short side to input_size / crop_pct,
+    then centre-crop; 'squash': resize to input_size x input_size), 'interpolation', 'mean', 'std'}.
+    With --crop_pct unset, inputs of 384 px and more are squashed (the study's rule), smaller ones use the
+    pretrained_cfg's crop_pct. Training records this in args.eval_transform (so in every checkpoint), and
+    predict.py rebuilds the same transform from it; ``input_size`` overrides the size.
+    """
+    from .models import pretrained_cfg_of
+
+    cfg = pretrained_cfg_of(getattr(args, "model", ""))
+    size = int(input_size or args.input_size)
+    crop_pct = getattr(args, "crop_pct", None)
+    crop_mode = "center"
+    if crop_pct is None:
+        if size >= 384:
+            crop_pct, crop_mode = 1.0, "squash"
+        else:
+            crop_pct = float(cfg.get("crop_pct") or 0.875)
+    interpolation = getattr(args, "eval_interpolation", None) or cfg.get("interpolation") or "bicubic"
+    if interpolation not in ("bilinear", "bicubic", "nearest"):
+        interpolation = "bicubic"  # timm's 'random' (a training choice) has no meaning at evaluation
+    mean, std = normalization(args)
+    return dict(input_size=size, crop_pct=float(crop_pct), crop_mode=crop_mode, interpolation=interpolation,
+                mean=[float(v) for v in mean], std=[float(v) for v in std])
+
+
+def transform_from_config(config: dict):
+    """torchvision transform of an ``eval_transform_config`` dict (PIL RGB image -> normalised tensor)."""
+    size, mode = int(config["input_size"]), T.InterpolationMode(config["interpolation"])
+    if config.get("crop_mode") == "squash":
+        steps = [T.Resize((size, size), interpolation=mode)]
+    else:
+        steps = [T.Resize(int(size / config["crop_pct"]), interpolation=mode), T.CenterCrop(size)]
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(config["mean"], config["std"])])
 
 
 def build_transform(is_train: bool, args):
@@ -265,14 +348,8 @@ def build_transform(is_train: bool, args):
             re_count=args.recount, mean=mean, std=std,
             scale=getattr(args, "train_crop_scale", None), hflip=getattr(args, "train_hflip", 0.5),
         )
-    steps = []
-    if args.input_size >= 384:  # large inputs: direct square resize, no crop
-        steps.append(T.Resize((args.input_size, args.input_size), interpolation=T.InterpolationMode.BICUBIC))
-    else:
-        steps.append(T.Resize(int(args.input_size / args.crop_pct), interpolation=T.InterpolationMode.BICUBIC))
-        steps.append(T.CenterCrop(args.input_size))
-    steps += [T.ToTensor(), T.Normalize(mean, std)]
-    return T.Compose(steps)
+    args.eval_transform = eval_transform_config(args)  # recorded in checkpoints, for predict.py
+    return transform_from_config(args.eval_transform)
 
 
 def build_datasets(args):
@@ -282,9 +359,12 @@ def build_datasets(args):
         print(f"Class-folder layout: --nb_classes set to {nb_classes} (number of class folders)")
     args.nb_classes = nb_classes
     args.data_layout = layout
+    if classes is not None:  # class-folder names travel in the checkpoint's args (predict.py labels with them)
+        args.class_names = list(classes)
     common = dict(max_failed=args.max_failed_images, in_memory=args.data_on_memory)
     train_set = ImageListDataset(os.path.join(args.data_path, "train"), train, build_transform(True, args), **common)
-    val_set = ImageListDataset(os.path.join(args.data_path, "val"), val, build_transform(False, args), **common)
+    val_set = ImageListDataset(os.path.join(args.data_path, "val"), val, build_transform(False, args),
+                               skip_unreadable=True, **common)
     print(f"Dataset {args.data_path} ({layout} layout): {len(train_set)} train / {len(val_set)} val images, "
           f"{nb_classes} classes")
     return train_set, val_set

@@ -133,13 +133,19 @@ def evaluate(loader, model, device, use_amp: bool = False, amp_dtype=torch.bfloa
     """Top-1/top-5 accuracy (%) and mean CE loss over the whole set.
 
     Each rank sums correct counts and losses over its own shard; the sums are all-reduced, so with a
-    non-padding sampler the result equals a single-process evaluation.
+    non-padding sampler the result equals a single-process evaluation. Batches may carry a third item,
+    the number of unreadable images dropped from them (``datasets.collate_skipping``): those images are
+    not counted, and their total is reported as ``num_skipped``.
     """
     model.eval()
     progress = ProgressLogger(header, len(loader), print_freq)
-    sums = [0.0, 0.0, 0.0, 0.0]  # loss * n, top-1 correct, top-5 correct, n
-    for i, (images, target) in enumerate(loader):
+    sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss * n, top-1 correct, top-5 correct, n, skipped
+    for i, batch in enumerate(loader):
         progress.mark_data()
+        images, target = batch[0], batch[1]
+        sums[4] += batch[2] if len(batch) > 2 else 0
+        if images.shape[0] == 0:
+            continue
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with autocast(device, use_amp, amp_dtype):
@@ -154,11 +160,12 @@ def evaluate(loader, model, device, use_amp: bool = False, amp_dtype=torch.bfloa
         sums[2] += hits.sum().item()
         sums[3] += images.shape[0]
         progress.step(i, extra=f"acc1: {100.0 * sums[1] / sums[3]:.2f}")
-    total_loss, correct1, correct5, count = dist_utils.all_reduce_sum(sums, reduce_device or device)
+    total_loss, correct1, correct5, count, skipped = dist_utils.all_reduce_sum(sums, reduce_device or device)
     elapsed = progress.elapsed()
     stats = dict(acc1=100.0 * correct1 / max(count, 1), acc5=100.0 * correct5 / max(count, 1),
                  loss=total_loss / max(count, 1), num_images=int(count),
-                 images_per_sec=count / max(elapsed, 1e-9))
+                 images_per_sec=count / max(elapsed, 1e-9), num_skipped=int(skipped))
+    note = f"; {int(skipped)} unreadable images skipped, not counted" if skipped else ""
     print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f} "
-          f"({int(count)} images, {stats['images_per_sec']:.1f} images/s)", flush=True)
+          f"({int(count)} images, {stats['images_per_sec']:.1f} images/s{note})", flush=True)
     return stats

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import time
 
 import numpy as np
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 from . import checkpoint as ckpt_io
 from . import dist_utils
-from .datasets import RepeatedAugSampler, ShardedEvalSampler, build_datasets
+from .datasets import RepeatedAugSampler, ShardedEvalSampler, build_datasets, collate_skipping
 from .ema import ModelEma
 from .engine import evaluate, train_one_epoch
 from .models import create_model, import_backbones
@@ -72,8 +73,10 @@ def build_loaders(args, train_set, val_set):
     val_loader = None
     if val_set is not None:
         val_sampler = ShardedEvalSampler(val_set, world, rank) if args.dist_eval else SequentialSampler(val_set)
+        # Unreadable validation images are dropped from their batch (and reported), never replaced.
         val_loader = DataLoader(val_set, sampler=val_sampler, batch_size=args.batch_size,
-                                num_workers=args.num_workers, pin_memory=pin, drop_last=False)
+                                num_workers=args.num_workers, pin_memory=pin, drop_last=False,
+                                collate_fn=collate_skipping if getattr(val_set, "skip_unreadable", False) else None)
     return train_sampler, train_loader, val_loader
 
 
@@ -112,8 +115,23 @@ def resolve_runtime_defaults(args) -> None:
         raise ConfigError(f"--amp_dtype must be bfloat16 or float16, got {args.amp_dtype}")
     if args.disable_eval:
         args.dist_eval = False
-    if args.update_freq < 1:
-        raise ConfigError("--update_freq must be >= 1")
+    validate_numbers(args)
+
+
+# (flag, smallest allowed value); checked before anything is built, so a typo never starts a run.
+POSITIVE_FLAGS = (("batch_size", 1), ("update_freq", 1), ("input_size", 1), ("save_ckpt_freq", 1),
+                  ("save_ckpt_num", 1), ("epochs", 0), ("num_workers", 0), ("start_epoch", 0))
+
+
+def validate_numbers(args) -> None:
+    for name, low in POSITIVE_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise ConfigError(f"--{name} must be >= {low}, got {value}")
+    if not args.eval and args.epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1 for training, got {args.epochs}")
+    if args.crop_pct is not None and not 0.0 < args.crop_pct <= 1.0:
+        raise ConfigError(f"--crop_pct must be in (0, 1], got {args.crop_pct}")
 
 
 def start_wandb(args):
@@ -125,10 +143,116 @@ def start_wandb(args):
 
 
 def append_log(output_dir: str, row: dict) -> None:
-    with open(os.path.join(output_dir, "log.txt"), "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    path = os.path.join(output_dir, "log.txt")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise ckpt_io.WriteError.wrap(path, exc) from exc
+
+
+def configure_cuda_backends(device: torch.device) -> None:
+    """The study's GPU settings: cuDNN autotuning and TF32 matmuls/convolutions (no effect on the CPU)."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def wrap_distributed(model: torch.nn.Module, args, device: torch.device, ddp=None):
+    """(model to train, model_without_ddp). In a distributed run on CUDA, BatchNorm becomes SyncBatchNorm
+    (before DDP, so the EMA copy made earlier stays a plain model) and DDP gets this process's GPU; on the
+    CPU, PyTorch's SyncBatchNorm has no kernel, so each process keeps its own statistics (said once).
+    ``ddp`` replaces DistributedDataParallel (tests)."""
+    if not args.distributed:
+        return model, model
+    if device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        print("Note: SyncBatchNorm needs CUDA; on the CPU each process keeps its own BatchNorm statistics")
+    ddp = ddp or torch.nn.parallel.DistributedDataParallel
+    wrapped = ddp(model, device_ids=[args.gpu] if device.type == "cuda" else None, find_unused_parameters=False)
+    return wrapped, model
+
+
+def save_checkpoints(args, epoch: int, best_kinds: list[str], model_without_ddp, optimizer, scaler, model_ema,
+                     common: dict) -> None:
+    """This epoch's checkpoint, then the best files it improved, then the rolling deletion.
+
+    The best files are hard links to checkpoint-<epoch>.pth (no second copy; removing the epoch file later
+    keeps them), replaced atomically. An epoch checkpoint records which epoch each best file holds, so if a
+    kill falls between the two writes the resumed run publishes the best files first (repair_best_files).
+    In an epoch without an epoch checkpoint (--save_ckpt_freq > 1) an improved best is written as a whole
+    file, before any later epoch checkpoint can record it.
+    """
+    epoch_path = None
+    if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
+        epoch_path = ckpt_io.save_checkpoint(args, epoch, model_without_ddp, optimizer, scaler, model_ema, **common)
+    for kind in best_kinds:
+        target = ckpt_io.best_path(args.output_dir, kind)
+        if epoch_path is not None:
+            ckpt_io.publish_best(epoch_path, target)
+        else:
+            ckpt_io.save_checkpoint(args, epoch, model_without_ddp, optimizer, scaler, model_ema, path=target,
+                                    **common)
+    if epoch_path is not None:
+        ckpt_io.delete_old_epoch_checkpoint(args, epoch)
+
+
+def plot_safely(output_dir: str) -> str | None:
+    """The curves PNG is a convenience: failing to draw or write it (full disk) warns and goes on."""
+    try:
+        return plot_curves(output_dir)
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"WARNING: could not write the training-curves plot in {output_dir} ({exc})", file=sys.stderr)
+        for name in os.listdir(output_dir):
+            if name.startswith(".training_curves") and ".tmp-" in name:
+                try:
+                    os.remove(os.path.join(output_dir, name))
+                except OSError:
+                    pass
+        return None
+
+
+def _has_pretrained_weights(args) -> bool:
+    return bool(getattr(args, "pretrained", False) or getattr(args, "pretrained_path", ""))
+
+
+def check_input_size(model: torch.nn.Module, args) -> None:
+    """Run one image of --input_size through the model before anything else, so that a size the model
+    cannot take fails now with the sizes that work, not at the first training step."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, args.input_size, args.input_size))
+    except (ValueError, RuntimeError, AssertionError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        working = sizes_that_work(model, args.input_size)
+        hint = (f" Input sizes that work with {args.model} near {args.input_size}: "
+                f"{', '.join(map(str, working))}." if working else "")
+        raise ConfigError(f"--input_size {args.input_size} does not work with {args.model}: {first}.{hint}") from None
+    finally:
+        model.train(was_training)
+
+
+def sizes_that_work(model: torch.nn.Module, size: int, count: int = 4) -> list[int]:
+    """The square sizes nearest to ``size`` that the model's block accepts when built for them (asks the
+    block's ``input_size_error`` rule; empty for models without one)."""
+    rule = getattr(getattr(model, "block_type", None), "input_size_error", None)
+    if rule is None:
+        return []
+    found = []
+    for step in range(1, 4096):
+        for candidate in (size - step, size + step):
+            if candidate >= 32 and len(found) < count and not rule(candidate, candidate, candidate, False):
+                found.append(candidate)
+        if len(found) >= count:
+            break
+    return sorted(found)
 
 
 def run(args) -> dict:
@@ -145,10 +269,7 @@ def _run(args) -> dict:
     device = torch.device(args.device)
     rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
     seed_everything(args.seed + rank)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    configure_cuda_backends(device)
     amp_dtype = AMP_DTYPES[args.amp_dtype]
     configure_cpu_threads(device)
     print(f"args: {json.dumps(vars(args), default=str)}")
@@ -160,6 +281,7 @@ def _run(args) -> dict:
     train_sampler, train_loader, val_loader = build_loaders(args, train_set, val_set)
 
     model = create_model(args)
+    check_input_size(model, args)
     if args.finetune:
         ckpt_io.load_finetune(args, model)
     model.to(device)
@@ -168,15 +290,7 @@ def _run(args) -> dict:
         # Created before SyncBN/DDP so it is a plain copy of the model.
         model_ema = ModelEma(model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else None)
         print(f"Using EMA with decay = {args.model_ema_decay:.8f}")
-    model_without_ddp = model
-    if args.distributed:
-        if device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            model_without_ddp = model
-        elif any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            print("Note: SyncBatchNorm needs CUDA; on the CPU each process keeps its own BatchNorm statistics")
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == "cuda" else None, find_unused_parameters=False)
+    model, model_without_ddp = wrap_distributed(model, args, device)
     if args.compile:
         model = torch.compile(model)
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
@@ -195,6 +309,11 @@ def _run(args) -> dict:
 
     resumed = ckpt_io.resume(args, model_without_ddp, optimizer, scaler, model_ema)
     use_amp = bool(args.use_amp)
+    if args.eval and not (resumed.get("loaded") or args.finetune or _has_pretrained_weights(args)) \
+            and not args.eval_random_weights:
+        raise ConfigError("--eval true needs weights to evaluate: pass --resume CKPT (or --finetune CKPT, "
+                          "--pretrained), or --eval_random_weights true to evaluate a randomly initialised model "
+                          "on purpose")
     if args.eval:
         stats = evaluate(val_loader, model, device, use_amp, amp_dtype)
         print(f"Accuracy of the network on the {stats['num_images']} test images: {stats['acc1']:.2f}%")
@@ -220,6 +339,9 @@ def _run(args) -> dict:
 
     max_accuracy = resumed.get("max_accuracy", 0.0)
     max_accuracy_ema = resumed.get("max_accuracy_ema", 0.0)
+    best_epochs = dict(resumed.get("best_epochs") or {})
+    if save and best_epochs:
+        ckpt_io.repair_best_files(args.output_dir, best_epochs)
     rng_states = resumed.get("rng_states")
     if rng_states is not None and len(rng_states) == world:
         # Continue the random streams exactly where the saved run stopped (augmentation, mixup, workers).
@@ -267,16 +389,15 @@ def _run(args) -> dict:
         if save:
             # One snapshot of every rank's generators after this epoch's last random draw.
             rng = dist_utils.all_gather_object(ckpt_io.capture_rng_state())
-            common = dict(max_accuracy=max_accuracy, max_accuracy_ema=max_accuracy_ema, rng_states=rng)
-            if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
-                ckpt_io.save_checkpoint(args, epoch, model_without_ddp, optimizer, scaler, model_ema, **common)
-                ckpt_io.delete_old_epoch_checkpoint(args, epoch)
-            if improved:
-                ckpt_io.save_checkpoint(args, "best", model_without_ddp, optimizer, scaler, model_ema, **common)
-            if improved_ema:
-                ckpt_io.save_checkpoint(args, "best-ema", model_without_ddp, optimizer, scaler, model_ema, **common)
+            for kind, better in zip(ckpt_io.BEST_KINDS, (improved, improved_ema)):
+                if better:
+                    best_epochs[kind] = epoch
+            common = dict(max_accuracy=max_accuracy, max_accuracy_ema=max_accuracy_ema, rng_states=rng,
+                          best_epochs=best_epochs)
+            save_checkpoints(args, epoch, [k for k, b in zip(ckpt_io.BEST_KINDS, (improved, improved_ema)) if b],
+                             model_without_ddp, optimizer, scaler, model_ema, common)
         if args.output_dir and dist_utils.is_main_process():
-            plot_curves(args.output_dir)
+            plot_safely(args.output_dir)
         if log_writer is not None:
             log_writer.flush()
         if wandb_run is not None:
@@ -289,7 +410,7 @@ def _run(args) -> dict:
     print(f"Training time {time.strftime('%H:%M:%S', time.gmtime(total))} ({total:.1f} s); "
           f"max accuracy {max_accuracy:.2f}%" + (f", EMA {max_accuracy_ema:.2f}%" if model_ema is not None else ""))
     if args.output_dir and dist_utils.is_main_process():
-        path = plot_curves(args.output_dir)
+        path = plot_safely(args.output_dir)
         if path:
             print(f"Curves: {path}")
     if log_writer is not None:

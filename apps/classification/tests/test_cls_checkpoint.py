@@ -29,7 +29,7 @@ def test_atomic_save_failure_keeps_old_file(tmp_path, monkeypatch):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(ckpt_io.WriteError, match="No space left"):
         atomic_save({"model": {"w": torch.zeros(3)}, "epoch": 0}, str(path))
     monkeypatch.setattr(torch, "save", real_save)
     assert _digest(path) == before

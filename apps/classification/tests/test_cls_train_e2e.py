@@ -40,7 +40,8 @@ def test_train_eval_resume_end_to_end(cls_main, tiny_dataset, tmp_path, capsys):
     ckpt = load_file(out / "checkpoint-1.pth")
     assert {"model", "optimizer", "epoch", "scaler", "args", "model_ema"} <= set(ckpt)
     assert ckpt["epoch"] == 1 and ckpt["args"].model == FAST_ARGS[1]
-    assert load_file(out / "checkpoint-best.pth")["epoch"] == "best"
+    best = load_file(out / "checkpoint-best.pth")  # a hard link to the best epoch's checkpoint
+    assert best["epoch"] == best["best_epochs"]["best"] and best["max_accuracy"] == max(r["test_acc1"] for r in log)
     capsys.readouterr()
 
     # --eval of the saved checkpoint reproduces the accuracy measured during training (same amp setting).
