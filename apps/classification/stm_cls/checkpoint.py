@@ -10,6 +10,7 @@ sampler needs no state: its permutation is a function of (seed, epoch).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import glob
 import json
@@ -60,22 +61,22 @@ def _fsync_dir(directory: str) -> None:
         pass
 
 
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temp file in the same folder, fsync, then os.replace.
-
-    A crash or kill at any point leaves either the old file or the complete new one, never a truncated
-    file; the temp file is removed on failure.
-    """
+@contextlib.contextmanager
+def atomic_target(path: str):
+    """Yield a temp path in ``path``'s folder to write; on success it replaces ``path`` (os.replace) and the
+    folder is fsynced, so a crash or kill at any point leaves either the old file or the complete new one,
+    never a truncated file. On failure the temp file is removed; an OSError (full disk, permissions) becomes a
+    :class:`WriteError` naming ``path``. The writer must fsync the data it writes."""
     directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    if os.path.lexists(tmp):
+        os.remove(tmp)
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException as exc:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
         if isinstance(exc, OSError):
             raise WriteError.wrap(path, exc) from exc
@@ -83,18 +84,26 @@ def atomic_save(obj, path: str) -> None:
     _fsync_dir(directory)  # make the rename itself durable
 
 
+def _write_synced(tmp: str, write) -> None:
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to ``path`` atomically (see :func:`atomic_target`)."""
+    with atomic_target(path) as tmp:
+        _write_synced(tmp, lambda f: torch.save(obj, f))
+
+
+def atomic_write_bytes(data: bytes, path: str) -> None:
+    with atomic_target(path) as tmp:
+        _write_synced(tmp, lambda f: f.write(data))
+
+
 def atomic_write_text(text: str, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise WriteError.wrap(path, exc) from exc
+    atomic_write_bytes(text.encode("utf-8"), path)
 
 
 def remove_stale_temp_files(output_dir: str) -> None:
@@ -241,29 +250,15 @@ def publish_best(source: str, target: str) -> str:
     """Make ``target`` hold the checkpoint file ``source``: a hard link (no second copy on disk), or an
     atomic byte copy where the file system cannot link. Either way ``target`` is replaced atomically, so
     a kill leaves the old best or the new one. Returns 'link' or 'copy'."""
-    directory = os.path.dirname(os.path.abspath(target))
-    tmp = os.path.join(directory, f".{os.path.basename(target)}.tmp-{os.getpid()}")
-    if os.path.lexists(tmp):
-        os.remove(tmp)
-    try:
+    with atomic_target(target) as tmp:
         try:
             os.link(source, tmp)
-            how = "link"
+            return "link"
         except OSError:
-            how = "copy"
-            with open(source, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 16 << 20)
-                dst.flush()
-                os.fsync(dst.fileno())
-        os.replace(tmp, target)
-    except BaseException as exc:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-        if isinstance(exc, OSError):
-            raise WriteError.wrap(target, exc) from exc
-        raise
-    _fsync_dir(directory)
-    return how
+            pass
+        with open(source, "rb") as src:
+            _write_synced(tmp, lambda dst: shutil.copyfileobj(src, dst, 16 << 20))
+    return "copy"
 
 
 def _holds_epoch(path: str, epoch: int) -> bool:

@@ -219,19 +219,9 @@ def seed_all(seed: int) -> None:
 # --------------------------------------------------------------------------------------------------
 
 def _atomic_bytes(data: bytes, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from ..checkpoint import atomic_write_bytes  # the app's one atomic writer (temp file, fsync, rename)
+
+    atomic_write_bytes(data, path)
 
 
 def _finite(obj):

@@ -99,13 +99,9 @@ class State:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from ..checkpoint import atomic_write_text  # the app's one atomic writer (temp file, fsync, rename)
+
+    atomic_write_text(text, str(path))
 
 
 # ------------------------------------------------------------------------------------------------ launch
