@@ -61,10 +61,15 @@ _LEVEL_TENSORS = SizeCache()
 _EXTRA_INPUTS = SizeCache()
 
 
+def _made_in_inference_mode() -> bool:
+    """Part of the cache keys: tensors made under torch.inference_mode() must not reach autograd later.
+    Dynamo cannot trace the query (a graph break); compiled code never runs in inference mode here."""
+    return False if torch.compiler.is_compiling() else torch.is_inference_mode_enabled()
+
+
 def _level_tensors(height: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """spatial_shapes [[height, width]] and level_start_index [0] (int64) of a one-level map."""
-    # keyed on inference mode too: tensors made under torch.inference_mode() must not reach autograd later
-    return _LEVEL_TENSORS.get((height, width, device, torch.is_inference_mode_enabled()), lambda: (
+    return _LEVEL_TENSORS.get((height, width, device, _made_in_inference_mode()), lambda: (
         torch.tensor([[height, width]], dtype=torch.int64, device=device),
         torch.zeros(1, dtype=torch.int64, device=device)))
 
@@ -220,7 +225,7 @@ class DCNv3Block(nn.Module):
         """
         pad = int(math.sqrt(deform_points) // 2) if deform_padding else 0
         image_h, image_w = (int(n) for n in image.shape[-2:])
-        key = (image_h, image_w, pad, depths, image.device, torch.is_inference_mode_enabled())  # see _level_tensors
+        key = (image_h, image_w, pad, depths, image.device, _made_in_inference_mode())
         return list(_EXTRA_INPUTS.get(key,
                                       lambda: _build_extra_inputs(image_h, image_w, pad, depths, image.device)))
 
