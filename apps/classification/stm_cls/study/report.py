@@ -277,13 +277,16 @@ def write(cfg, study: dict) -> None:
     print(f"[study] report: {out / 'report.md'} and {out / 'report.html'}; numbers: {out / 'study.json'}")
 
 
-def copy_report(src: Path, dst: Path) -> None:
-    """Copy a finished study's report, JSON and figures (not the checkpoints) to ``dst`` (e.g. docs/)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for rel in ("report.md", "report.html", "study.json", "training_curves.png"):
-        if (src / rel).exists():
-            shutil.copy2(src / rel, dst / rel)
-    (dst / "analyses").mkdir(exist_ok=True)
-    for p in (src / "analyses").glob("*"):
-        if p.suffix in (".png", ".json", ".csv"):
-            shutil.copy2(p, dst / "analyses" / p.name)
+def copy_report(src: Path, dst: Path) -> list[Path]:
+    """Copy a finished study's report, JSON and figures (not the checkpoints, logs or raw maps) to ``dst``
+    (e.g. docs/study), keeping the relative paths the report links to. Returns the files copied."""
+    copied = []
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        if rel.parts[0] in ("train", "jobs") or not path.is_file():
+            continue
+        if path.suffix in (".md", ".html", ".json", ".png", ".csv") and path.name != "state.json":
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dst / rel)
+            copied.append(dst / rel)
+    return copied
