@@ -300,17 +300,13 @@ def eval_command(cfg: StudyConfig, model: str, checkpoint: Path) -> list[str]:
 
 def ema_weights_file(cfg: StudyConfig, model: str, checkpoint: Path) -> Path | None:
     """The EMA weights of a training checkpoint as a file ``main.py --eval`` reads, or None without EMA."""
-    import torch
-
     from stm_cls.checkpoint import atomic_save, load_file
 
-    ckpt = load_file(str(checkpoint))
+    ckpt = load_file(str(checkpoint))  # onto the CPU
     if not isinstance(ckpt, dict) or "model_ema" not in ckpt:
         return None
     path = cfg.model_dir(model) / "final-ema-weights.pth"
     atomic_save({"model": ckpt["model_ema"]}, str(path))
-    del ckpt
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return path
 
 
