@@ -1,6 +1,6 @@
 """NaN/inf sampling locations give the same result whichever implementation of the deformable op runs:
-the compiled kernels, stm_cuda_ops' pure-PyTorch reference, and stm_backbones' own fallback (used when
-stm_cuda_ops is not installed). All treat them as out of range: zero contribution and zero gradient."""
+the compiled kernels or stm_cuda_ops' pure-PyTorch reference (the one fallback), called directly or through
+stm_backbones' op wrapper. All treat them as out of range: zero contribution and zero gradient."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import stm_cuda_ops
-from stm_backbones.ops import ms_deform_attn_pytorch
+from stm_backbones import ops
 
 
 def _inputs():
@@ -30,17 +30,15 @@ def _grads(fn, value, shapes, starts, loc, attn):
     return (out, *torch.autograd.grad(out, leaves, torch.ones_like(out)))
 
 
-@pytest.mark.parametrize("name", ["compiled", "backbones_fallback"])
+@pytest.mark.parametrize("name", ["compiled", "backbones_compiled", "backbones_reference"])
 def test_nonfinite_locations_agree_across_implementations(name):
     value, shapes, starts, loc, attn = _inputs()
     want = _grads(stm_cuda_ops.ms_deform_attn_reference, value, shapes, starts, loc, attn)
-    if name == "compiled":
-        if not stm_cuda_ops.has_compiled_op():
-            pytest.skip("stm_cuda_ops extension not built")
-        fn = stm_cuda_ops.ms_deform_attn
-    else:
-        fn = ms_deform_attn_pytorch
-    got = _grads(fn, value, shapes, starts, loc, attn)
+    if "compiled" in name and not stm_cuda_ops.has_compiled_op():
+        pytest.skip("stm_cuda_ops extension not built")
+    fn = stm_cuda_ops.ms_deform_attn if name == "compiled" else ops.ms_deform_attn
+    with stm_cuda_ops.use_reference(name.endswith("reference")):
+        got = _grads(fn, value, shapes, starts, loc, attn)
     bad = ~torch.isfinite(loc).all(-1)
     for g, w in zip(got, want):
         assert torch.isfinite(g).all()
@@ -49,8 +47,6 @@ def test_nonfinite_locations_agree_across_implementations(name):
 
 
 def test_numpy_input_to_the_backbones_op_is_a_type_error():
-    from stm_backbones.ops import ms_deform_attn
-
     value, shapes, starts, loc, attn = _inputs()
     with pytest.raises(TypeError, match=r"sampling_locations must be a torch.Tensor, got numpy.ndarray"):
-        ms_deform_attn(value, shapes, starts, loc.numpy(), attn)
+        ops.ms_deform_attn(value, shapes, starts, loc.numpy(), attn)

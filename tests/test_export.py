@@ -12,9 +12,11 @@ import torch
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+import stm_backbones  # noqa: E402
 from stm_backbones import export as stm_export  # noqa: E402
 
-FAMILIES = ["convnext", "dcn_v3", "halo", "swin", "pvt"]
+# The study's mixers, from the registry (the sizes and expectations below are per family).
+FAMILIES = [family.name for family in stm_backbones.list_families(study=True)]
 TOL = 1e-4
 
 
@@ -56,7 +58,7 @@ def _inputs(*shapes, seed=0):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_classifier_exports_with_parity(family, tmp_path):
-    name = f"unified_{family}_micro"
+    name = stm_backbones.get_family(family).smallest
     torch.manual_seed(0)
     size = {"halo": 224}.get(family, 64)  # Halo's classifier takes 224-multiples; the others are built for 64
     # two blocks per stage, as in the dense test below: what is exported per block does not depend on the depth
@@ -71,9 +73,7 @@ def test_classifier_exports_with_parity(family, tmp_path):
 def test_dense_backbone_exports_with_parity_at_a_non_square_size(family, tmp_path):
     """The micro dense trunk with two blocks per stage (a shifted and an unshifted Swin block; the export of a
     block does not depend on how many follow it, and the test time does)."""
-    import stm_backbones
-
-    name = f"unified_{family}_micro"
+    name = stm_backbones.get_family(family).smallest
     torch.manual_seed(0)
     model = stm_backbones.create_dense_backbone(name, depths=(2, 2, 2, 2)).eval()
     example, *checks = _inputs((2, 3, 64, 96), (3, 3, 64, 96), (1, 3, 96, 128))

@@ -22,7 +22,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see main.py
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from stm_cls.study.runner import ANALYSES, DEFAULT_MODELS, LAUNCHERS  # noqa: E402
+from stm_cls.study.runner import ANALYSES, LAUNCHERS, default_models  # noqa: E402
 
 DIGITS_ANALYSIS_IMAGES = 100
 EXIT_CONFIG_ERROR = 2
@@ -33,7 +33,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("study.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="Exit codes: 0 done, 1 a step failed (rerun to resume), 2 bad arguments.")
-    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="timm model names (any registered model)")
+    p.add_argument("--models", nargs="+", default=None,
+                   help="timm model names (any registered model); default: the smallest model of each of the "
+                        "study's mixers (stm_backbones.list_families(study=True): the five micro models)")
     p.add_argument("--output_dir", required=True, help="the study's folder (trainings, analyses, report, state)")
     p.add_argument("--data_path", default=None, help="dataset root as for main.py (unset: the embedded digits)")
     p.add_argument("--epochs", default=None, type=int, help="training epochs (unset: main.py's default for the data)")
@@ -65,6 +67,8 @@ def parse_args(argv=None):
         cut = argv.index("--")
         argv, train_args = argv[:cut], argv[cut + 1:]
     args = get_args_parser().parse_args(argv)
+    if args.models is None:
+        args.models = default_models()
     args.train_args = train_args
     return args
 

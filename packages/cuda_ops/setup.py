@@ -17,14 +17,24 @@ import sys
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
+# csrc is laid out by backend, as torchvision's csrc/ops: the schemas and module (ms_deform_attn.cpp),
+# the argument checks, cpu/, cuda/ and autocast/. Includes are relative to csrc.
 CSRC = "stm_cuda_ops/csrc"
+INCLUDE_DIRS = [os.path.join(os.path.dirname(os.path.abspath(__file__)), CSRC)]
 CPU_SOURCES = [
     f"{CSRC}/ms_deform_attn.cpp",
-    f"{CSRC}/cpu_kernel_default.cpp",
-    f"{CSRC}/cpu_kernel_avx2.cpp",
-    f"{CSRC}/cpu_kernel_avx512.cpp",
+    f"{CSRC}/ms_deform_attn_validate.cpp",
+    f"{CSRC}/cpu/ms_deform_attn_cpu.cpp",
+    f"{CSRC}/cpu/cpu_kernel_default.cpp",
+    f"{CSRC}/cpu/cpu_kernel_avx2.cpp",
+    f"{CSRC}/cpu/cpu_kernel_avx512.cpp",
+    f"{CSRC}/autocast/ms_deform_attn_autocast.cpp",
 ]
-CUDA_SOURCES = [f"{CSRC}/ms_deform_attn_cuda.cu"]
+CUDA_SOURCES = [
+    f"{CSRC}/cuda/ms_deform_attn_cuda_glue.cpp",
+    f"{CSRC}/cuda/ms_deform_attn_cuda_launch.cpp",
+    f"{CSRC}/cuda/ms_deform_attn_cuda.cu",
+]
 
 
 def _with_cuda() -> bool:
@@ -60,6 +70,7 @@ def _extension():
         return CUDAExtension(
             "stm_cuda_ops._C",
             CPU_SOURCES + CUDA_SOURCES,
+            include_dirs=INCLUDE_DIRS,
             define_macros=macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             py_limited_api=True,
@@ -68,6 +79,7 @@ def _extension():
     return CppExtension(
         "stm_cuda_ops._C",
         CPU_SOURCES,
+        include_dirs=INCLUDE_DIRS,
         define_macros=macros,
         extra_compile_args={"cxx": cxx},
         py_limited_api=True,

@@ -62,6 +62,32 @@ def pretrained_cfg_of(name: str) -> dict:
     return cfg.to_dict() if cfg is not None else {}
 
 
+def input_size_error(model: torch.nn.Module, size: int) -> str | None:
+    """Why the model, built for ``size`` x ``size`` images, cannot take them (its mixer block's
+    ``input_size_error`` rule, the mixer contract); None when it can or when the model has no rule."""
+    rule = getattr(getattr(model, "block_type", None), "input_size_error", None)
+    return None if rule is None else rule(size, size, size, False)
+
+
+def sizes_that_work(model: torch.nn.Module, size: int, count: int = 4, *, larger_only: bool = False,
+                    multiple_of: int = 1) -> list[int]:
+    """The square sizes nearest to ``size`` (only larger ones with ``larger_only``; multiples of ``multiple_of``;
+    at least 32) that the model accepts when built for them, sorted: asks the mixer block's ``input_size_error``
+    rule (the mixer contract); empty for models without one. Used by the training's input-size check and by the
+    study's per-model input size."""
+    if getattr(getattr(model, "block_type", None), "input_size_error", None) is None:
+        return []
+    found: list[int] = []
+    for step in range(1, 8 * size + 4096):
+        for candidate in (size + step,) if larger_only else (size - step, size + step):
+            if (candidate >= 32 and candidate % multiple_of == 0 and len(found) < count
+                    and input_size_error(model, candidate) is None):
+                found.append(candidate)
+        if len(found) >= count:
+            break
+    return sorted(found)
+
+
 def max_drop_path_rate(model: torch.nn.Module) -> float:
     """Largest stochastic-depth probability in the model (timm's DropPath modules; Identity = 0)."""
     return max((float(m.drop_prob) for m in model.modules() if hasattr(m, "drop_prob")), default=0.0)

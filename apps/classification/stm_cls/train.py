@@ -19,7 +19,7 @@ from . import dist_utils
 from .datasets import RepeatedAugSampler, ShardedEvalSampler, build_datasets, collate_skipping
 from .ema import ModelEma
 from .engine import evaluate, train_one_epoch
-from .models import create_model, import_backbones
+from .models import create_model, import_backbones, input_size_error, sizes_that_work
 from .optim import build_optimizer, cosine_schedule
 from .plotting import plot_curves
 
@@ -231,28 +231,13 @@ def check_input_size(model: torch.nn.Module, args) -> None:
             model(torch.zeros(1, 3, args.input_size, args.input_size))
     except (ValueError, RuntimeError, AssertionError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        working = sizes_that_work(model, args.input_size)
+        # suggestions only when the block's own rule refuses the size (another failure is not about the size)
+        working = sizes_that_work(model, args.input_size) if input_size_error(model, args.input_size) else []
         hint = (f" Input sizes that work with {args.model} near {args.input_size}: "
                 f"{', '.join(map(str, working))}." if working else "")
         raise ConfigError(f"--input_size {args.input_size} does not work with {args.model}: {first}.{hint}") from None
     finally:
         model.train(was_training)
-
-
-def sizes_that_work(model: torch.nn.Module, size: int, count: int = 4) -> list[int]:
-    """The square sizes nearest to ``size`` that the model's block accepts when built for them (asks the
-    block's ``input_size_error`` rule; empty for models without one)."""
-    rule = getattr(getattr(model, "block_type", None), "input_size_error", None)
-    if rule is None:
-        return []
-    found = []
-    for step in range(1, 4096):
-        for candidate in (size - step, size + step):
-            if candidate >= 32 and len(found) < count and not rule(candidate, candidate, candidate, False):
-                found.append(candidate)
-        if len(found) >= count:
-            break
-    return sorted(found)
 
 
 def run(args) -> dict:

@@ -159,3 +159,28 @@ def test_per_model_input_size_and_analysis_groups(tmp_path):
     assert analysis_dir(cfg, 224, "cost") == tmp_path / "analyses"  # cost measures everything at 224 px
     explicit = StudyConfig(models=cfg.models, output_dir=tmp_path, train_args=["--input_size", "64"])
     assert {m: model_input_size(explicit, m) for m in cfg.models} == dict.fromkeys(cfg.models, 64)
+
+
+def test_default_models_are_the_smallest_of_the_study_mixers():
+    import stm_backbones
+    from stm_cls.study.runner import default_models
+
+    assert default_models() == [family.smallest for family in stm_backbones.list_families(study=True)]
+    assert sorted(default_models()) == [f"unified_{m}_micro" for m in ("convnext", "dcn_v3", "halo", "pvt", "swin")]
+
+
+def test_one_input_size_search_for_training_and_study():
+    """The study's per-model size and the training's suggestions both come from stm_cls.models.sizes_that_work
+    (the block's input_size_error rule)."""
+    import timm
+    import torch
+
+    from stm_cls import models, train
+
+    assert train.sizes_that_work is models.sizes_that_work
+    swin = timm.create_model("unified_swin_micro", img_size=64)
+    assert models.input_size_error(swin, 100) and models.input_size_error(swin, 96) is None
+    assert models.sizes_that_work(swin, 100) == [64, 96, 128, 160]
+    halo = timm.create_model("unified_halo_micro", img_size=32)
+    assert models.sizes_that_work(halo, 32, count=1, larger_only=True, multiple_of=32) == [224]
+    assert models.sizes_that_work(torch.nn.Linear(2, 2), 100) == []  # no mixer block, no rule

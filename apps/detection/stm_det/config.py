@@ -27,22 +27,17 @@ def check_model_name(name: str) -> None:
         raise ConfigError(f"MODEL.UNIFIED.NAME {name!r} is not a registered model; {hint}"
                           f"available: {', '.join(available)}")
 
-# Substrings of full parameter names (e.g. "backbone.bottom_up.body.stages.0.0.norm1.weight") that
-# get weight decay 0. The issue asks for no decay on norms, position embeddings and relative position
-# tables: "norm" catches every LayerNorm of the trunks (norm1/norm2, dw_norm, pw_norm, out_norm_*,
-# PVT attn.norm, DCNv3 dw_conv.1.norm); "pos_embed" catches PVT's pos_embed and the Halo relative
-# tables (attn.pos_embed.height_rel / width_rel); "relative_position_bias_table" the Swin tables.
-# The study's mmdet config only listed ("absolute_pos_embed", "relative_position_bias_table", "norm"),
-# which leaves PVT pos_embed and the Halo tables decayed; set SOLVER.NO_DECAY_KEYS to that to
-# reproduce it exactly.
-DEFAULT_NO_DECAY_KEYS = (
-    "norm",
-    "pos_embed",
-    "absolute_pos_embed",
-    "relative_position_bias_table",
-    "height_rel",
-    "width_rel",
-)
+# Weight decay 0 (besides the position tables that the backbone's mixer family declares, see
+# SOLVER.NO_DECAY_POSITION_TABLES) for parameters whose full name (e.g.
+# "backbone.bottom_up.body.stages.0.0.norm1.weight") contains one of these substrings: "norm" catches every
+# LayerNorm of the trunks (norm1/norm2, dw_norm, pw_norm, out_norm_*, PVT attn.norm, DCNv3 dw_conv.1.norm).
+# The position tables come from the family (`MetaArch.position_tables()`: PVT's pos_embed, the Halo
+# attn.pos_embed.height_rel / width_rel tables, the Swin relative_position_bias_table), so a new mixer's
+# tables need no entry here.
+DEFAULT_NO_DECAY_KEYS = ("norm",)
+# The study's mmdet config (paramwise custom_keys), which leaves PVT pos_embed and the Halo tables decayed.
+# SOLVER.NO_DECAY_KEYS set to this with SOLVER.NO_DECAY_POSITION_TABLES False reproduces it exactly.
+STUDY_MMDET_NO_DECAY_KEYS = ("absolute_pos_embed", "relative_position_bias_table", "norm")
 
 
 def add_unified_config(cfg: CN) -> None:
@@ -72,6 +67,9 @@ def add_unified_config(cfg: CN) -> None:
     cfg.SOLVER.BETAS = (0.9, 0.999)
     cfg.SOLVER.EPS = 1e-8
     cfg.SOLVER.NO_DECAY_KEYS = list(DEFAULT_NO_DECAY_KEYS)
+    # No decay for the position tables of the backbone's mixer family (`position_tables()` of every module of
+    # the model that has one: the unified trunks, whatever prefix they sit under).
+    cfg.SOLVER.NO_DECAY_POSITION_TABLES = True
     # Also no decay for every parameter of a normalisation layer whatever its name. Off in the recipe:
     # the LN2d of the stem and of the downsample layers (named "stem.1", "stem.4", "reduction.1")
     # do not contain "norm" and were decayed.

@@ -33,9 +33,10 @@ __all__ = ["adamw_param_groups", "lazy_evaluator", "main", "skip_bad_images"]
 # --------------------------------------------------------------------------------------------------
 
 def adamw_param_groups(model: torch.nn.Module, weight_decay: float, no_decay_keys: Sequence[str],
-                       no_decay_norm_layers: bool = False) -> list[dict]:
+                       no_decay_norm_layers: bool = False, no_decay_position_tables: bool = True) -> list[dict]:
     """The recipe's two parameter groups (see :func:`stm_det.trainer.build_param_groups`)."""
-    return build_param_groups(model, weight_decay, list(no_decay_keys), no_decay_norm_layers)
+    return build_param_groups(model, weight_decay, list(no_decay_keys), no_decay_norm_layers,
+                              no_decay_position_tables)
 
 
 def skip_bad_images(mapper, max_bad: int = 10) -> SkipBadImages:

@@ -1,5 +1,5 @@
-"""DefaultTrainer with the recipe's optimizer (AdamW, no decay on norms / position embeddings /
-relative position tables), evaluators chosen by dataset type, and crash-safe checkpoints."""
+"""DefaultTrainer with the recipe's optimizer (AdamW, no decay on norms and on the position tables that the
+backbone's mixer family declares), evaluators chosen by dataset type, and crash-safe checkpoints."""
 
 from __future__ import annotations
 
@@ -27,22 +27,37 @@ def _is_norm_layer(module: torch.nn.Module) -> bool:
     return isinstance(module, norm_types) or "norm" in type(module).__name__.lower()
 
 
+def position_table_names(model: torch.nn.Module) -> set[str]:
+    """Full names (relative to `model`) of the position tables of every module that declares some with a
+    `position_tables()` method: the unified trunks (`MetaArch.position_tables()`, which asks the mixer family),
+    e.g. "backbone.bottom_up.body.stages.0.0.attn.pos_embed.height_rel"."""
+    names = set()
+    for prefix, module in model.named_modules():
+        tables = getattr(module, "position_tables", None)
+        if callable(tables):
+            names.update(f"{prefix}.{name}" if prefix else name for name in tables())
+    return names
+
+
 def build_param_groups(model: torch.nn.Module, weight_decay: float, no_decay_keys: Sequence[str],
-                       no_decay_norm_layers: bool = False) -> list[dict]:
+                       no_decay_norm_layers: bool = False, no_decay_position_tables: bool = True) -> list[dict]:
     """Two parameter groups: weight decay 0 for every trainable parameter whose full name contains
-    one of `no_decay_keys` (substring match, as mmcv's paramwise custom_keys) or, with
-    `no_decay_norm_layers`, that belongs to a normalisation layer whatever its name; `weight_decay`
-    for the rest. Each group also lists its parameter names (key "param_names")."""
+    one of `no_decay_keys` (substring match, as mmcv's paramwise custom_keys), with
+    `no_decay_position_tables` for the backbone family's position tables (:func:`position_table_names`),
+    and with `no_decay_norm_layers` for the parameters of normalisation layers whatever their names;
+    `weight_decay` for the rest. Each group also lists its parameter names (key "param_names")."""
     norm_params = set()
     if no_decay_norm_layers:
         norm_params = {id(p) for m in model.modules() if _is_norm_layer(m) for p in m.parameters(recurse=False)}
+    tables = position_table_names(model) if no_decay_position_tables else set()
     decay, no_decay = {"params": [], "param_names": []}, {"params": [], "param_names": []}
     seen = set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        group = no_decay if id(p) in norm_params or any(k in name for k in no_decay_keys) else decay
+        exempt = id(p) in norm_params or name in tables or any(k in name for k in no_decay_keys)
+        group = no_decay if exempt else decay
         group["params"].append(p)
         group["param_names"].append(name)
     decay["weight_decay"] = float(weight_decay)
@@ -52,7 +67,7 @@ def build_param_groups(model: torch.nn.Module, weight_decay: float, no_decay_key
 
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     groups = build_param_groups(model, cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.NO_DECAY_KEYS,
-                                cfg.SOLVER.NO_DECAY_NORM_LAYERS)
+                                cfg.SOLVER.NO_DECAY_NORM_LAYERS, cfg.SOLVER.NO_DECAY_POSITION_TABLES)
     name = cfg.SOLVER.OPTIMIZER.upper()
     if name == "ADAMW":
         return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(

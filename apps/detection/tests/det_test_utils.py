@@ -7,13 +7,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import stm_backbones
+
 APP_DIR = Path(__file__).resolve().parent.parent
 CONFIGS_DIR = APP_DIR / "configs"
 TRAIN_NET = APP_DIR / "train_net.py"
 BASE_CONFIG = CONFIGS_DIR / "Base-Unified-MaskRCNN-FPN-1x.yaml"
 DEMO_CONFIG = CONFIGS_DIR / "demo_shapes_unified_convnext_micro.yaml"
-MIXERS = ("halo", "pvt", "swin", "convnext", "dcn_v3")
-SIZES = ("micro", "tiny", "small", "base")
+# From the registry, never written out: every registered mixer family (its smallest model for the backbone and
+# optimizer tests), and the configs that generate.py writes (every size of the study's mixers).
+FAMILIES = tuple(stm_backbones.list_families())
+MIXERS = tuple(f.name for f in FAMILIES)
+SMALLEST = tuple(f.smallest for f in FAMILIES)
+STUDY_CONFIGS = tuple((f.name, size) for f in stm_backbones.list_families(study=True) for size in f.sizes)
 
 # Shrinks a config so that a model runs in well under a second on a small CPU image.
 SMALL_OVERRIDES = [

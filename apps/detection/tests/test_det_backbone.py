@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from det_test_utils import BASE_CONFIG, MIXERS, SMALL_OVERRIDES, load_cfg
+from det_test_utils import BASE_CONFIG, SMALL_OVERRIDES, SMALLEST, load_cfg
 
 import stm_backbones
 from stm_det.backbone import UnifiedBackbone
 
-MICROS = [f"unified_{m}_micro" for m in MIXERS]
+MICROS = list(SMALLEST)  # every registered mixer's smallest model
 
 
 def _need(name):

@@ -1,26 +1,34 @@
-"""Optimizer and LR schedule: AdamW with weight decay 0 on norms, position embeddings and relative
-position tables (every mixer), the recipe's linear warmup and steps."""
+"""Optimizer and LR schedule: AdamW with weight decay 0 on norms and on the position tables that each mixer
+family declares (every registered mixer), the recipe's linear warmup and steps."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from det_test_utils import BASE_CONFIG, MIXERS, SMALL_OVERRIDES, load_cfg
+from det_test_utils import BASE_CONFIG, SMALL_OVERRIDES, SMALLEST, load_cfg
 
 import stm_backbones
 
-NO_DECAY_MARKERS = ("norm", "pos_embed", "relative_position_bias_table", "height_rel", "width_rel")
+BODY = "backbone.bottom_up.body."
+# The detection app's substring list before the families declared their position tables: for the study's
+# mixers the family rule ("norm" + MetaArch.position_tables()) must give exactly the same groups.
+OLD_NO_DECAY_KEYS = ("norm", "pos_embed", "absolute_pos_embed", "relative_position_bias_table", "height_rel",
+                     "width_rel")
 
 
-@pytest.mark.parametrize("mixer", MIXERS)
-def test_param_groups(mixer):
+def _groups(model, opt):
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = opt.param_groups
+    return {names[id(p)] for p in decay["params"]}, {names[id(p)] for p in no_decay["params"]}, set(names.values())
+
+
+@pytest.mark.parametrize("name", SMALLEST)
+def test_param_groups(name):
     from detectron2.modeling import build_model
 
     from stm_det.trainer import build_optimizer
 
-    name = f"unified_{mixer}_micro"
-    if name not in stm_backbones.list_models():
-        pytest.skip(f"{name} is not registered in stm_backbones (yet)")
+    family, _ = stm_backbones.family_of(name)
     cfg = load_cfg(BASE_CONFIG, [*SMALL_OVERRIDES, "MODEL.UNIFIED.NAME", name])
     model = build_model(cfg)
     opt = build_optimizer(cfg, model)
@@ -29,28 +37,48 @@ def test_param_groups(mixer):
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert decay["lr"] == no_decay["lr"] == 1e-4 and decay["betas"] == (0.9, 0.999)
-    names = {id(p): n for n, p in model.named_parameters()}
-    decayed = {names[id(p)] for p in decay["params"]}
-    not_decayed = {names[id(p)] for p in no_decay["params"]}
-    assert decayed | not_decayed == set(names.values()) and not decayed & not_decayed
-    assert not_decayed == {n for n in names.values() if any(k in n for k in NO_DECAY_MARKERS)}
+    decayed, not_decayed, names = _groups(model, opt)
+    assert decayed | not_decayed == names and not decayed & not_decayed
+    # "norm" substrings + the family's position tables, found under the trunk's prefix ...
+    tables = {BODY + n for n in model.backbone.bottom_up.body.position_tables()}
+    assert tables <= names
+    assert not_decayed == {n for n in names if "norm" in n} | tables
+    for table in family.block_type.position_tables:  # each declared table is found in the blocks
+        assert any(n.endswith("." + table) for n in tables), table
+    # ... which for the study's mixers is exactly what the old substring list gave
+    if family.study:
+        assert not_decayed == {n for n in names if any(k in n for k in OLD_NO_DECAY_KEYS)}
     # Every norm named "norm" (block norms, the fresh out norms) is in the no-decay group; the stem and
     # downsample LayerNorms, whose names do not say "norm", are decayed as in the study's config ...
     named_norms = {f"{m}.{p}" for m, mod in model.named_modules() for p, _ in mod.named_parameters(recurse=False)
                    if "norm" in m}
     assert named_norms and named_norms <= not_decayed
-    assert "backbone.bottom_up.body.downsample_layers.0.stem.1.weight" in decayed
-    assert "backbone.bottom_up.body.downsample_layers.1.reduction.1.weight" in decayed
-    assert {f"backbone.bottom_up.body.out_norm_{i}.weight" for i in range(4)} <= not_decayed
-    # ... and so are the position embeddings / relative tables of the mixer that has them.
-    marker = {"halo": "height_rel", "pvt": "pos_embed", "swin": "relative_position_bias_table"}.get(mixer)
-    if marker:
-        assert any(marker in n for n in not_decayed)
-        assert not any(marker in n for n in decayed)
+    assert BODY + "downsample_layers.0.stem.1.weight" in decayed
+    assert BODY + "downsample_layers.1.reduction.1.weight" in decayed
+    assert {f"{BODY}out_norm_{i}.weight" for i in range(4)} <= not_decayed
     # Convolution / linear weights, biases and the heads are decayed.
     assert "backbone.fpn_lateral2.weight" in decayed and "backbone.fpn_lateral2.bias" in decayed
     assert "roi_heads.box_predictor.cls_score.weight" in decayed
-    assert any(n.startswith("backbone.bottom_up.body.stages.0.0.") and n.endswith(".bias") for n in decayed)
+    assert any(n.startswith(BODY + "stages.0.0.") and n.endswith(".bias") for n in decayed)
+
+
+def test_position_tables_come_from_the_family():
+    """The study's tables by family (PVT pos_embed, Halo height_rel / width_rel, Swin relative tables), and
+    SOLVER.NO_DECAY_POSITION_TABLES False decays them."""
+    from detectron2.modeling import build_model
+
+    from stm_det.trainer import build_optimizer
+
+    cfg = load_cfg(BASE_CONFIG, [*SMALL_OVERRIDES, "MODEL.UNIFIED.NAME", "unified_halo_micro"])
+    model = build_model(cfg)
+    _, not_decayed, _ = _groups(model, build_optimizer(cfg, model))
+    assert BODY + "stages.0.0.attn.pos_embed.height_rel" in not_decayed
+    assert BODY + "stages.3.1.attn.pos_embed.width_rel" in not_decayed
+    cfg = load_cfg(BASE_CONFIG, [*SMALL_OVERRIDES, "MODEL.UNIFIED.NAME", "unified_halo_micro",
+                                 "SOLVER.NO_DECAY_POSITION_TABLES", "False"])
+    decayed, not_decayed, _ = _groups(model, build_optimizer(cfg, model))
+    assert BODY + "stages.0.0.attn.pos_embed.height_rel" in decayed
+    assert not any("_rel" in n for n in not_decayed)
 
 
 def test_no_decay_norm_layers_option():
@@ -70,15 +98,22 @@ def test_no_decay_norm_layers_option():
 
 
 def test_recipe_exact_no_decay_keys():
-    """The mmdet config's custom_keys, settable through SOLVER.NO_DECAY_KEYS."""
+    """The study's mmdet config (custom_keys only): SOLVER.NO_DECAY_KEYS = STUDY_MMDET_NO_DECAY_KEYS with
+    SOLVER.NO_DECAY_POSITION_TABLES False; PVT's pos_embed is then decayed, as there."""
     from detectron2.modeling import build_model
 
-    from stm_det.trainer import build_param_groups
+    from stm_det import STUDY_MMDET_NO_DECAY_KEYS
+    from stm_det.trainer import build_optimizer, build_param_groups
 
-    model = build_model(load_cfg(BASE_CONFIG, [*SMALL_OVERRIDES, "MODEL.UNIFIED.NAME", "unified_convnext_micro"]))
-    groups = build_param_groups(model, 0.05, ["absolute_pos_embed", "relative_position_bias_table", "norm"])
-    assert all("norm" in n for n in groups[1]["param_names"])
-    assert not any("norm" in n for n in groups[0]["param_names"])
+    keys = list(STUDY_MMDET_NO_DECAY_KEYS)
+    cfg = load_cfg(BASE_CONFIG, [*SMALL_OVERRIDES, "MODEL.UNIFIED.NAME", "unified_pvt_micro", "SOLVER.NO_DECAY_KEYS",
+                                 str(keys), "SOLVER.NO_DECAY_POSITION_TABLES", "False"])
+    model = build_model(cfg)
+    decayed, not_decayed, names = _groups(model, build_optimizer(cfg, model))
+    assert not_decayed == {n for n in names if any(k in n for k in keys)}
+    assert BODY + "stages.0.0.pos_embed" in decayed
+    groups = build_param_groups(model, 0.05, keys, no_decay_position_tables=False)
+    assert set(groups[1]["param_names"]) == not_decayed
 
 
 def test_sgd_and_clipping_options():

@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import hashlib
 import logging
-import math
 import os
 import re
 import urllib.parse
@@ -35,14 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .cache import cache_root
 
 _logger = logging.getLogger(__name__)
 
-IGNORED_BUFFER_TAGS = ("relative_position_index", "attn_mask")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _MAX_LISTED = 5
 _HUB_HASH = re.compile(r"-([a-f0-9]{8,})\.")
@@ -63,10 +60,6 @@ class ChecksumError(ValueError):
 def model_name(model: nn.Module) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return cfg.get("architecture") or type(model).__name__
-
-
-def _is_ignored_buffer(key: str) -> bool:
-    return any(tag in key for tag in IGNORED_BUFFER_TAGS)
 
 
 # ---------------------------------------------------------------------------------- reading files
@@ -196,57 +189,51 @@ def extract_state_dict(checkpoint: Any, use_ema: bool = False) -> dict[str, torc
 
 
 # ---------------------------------------------------------------------------------- study rules
-def _resize_relative_position_table(table: torch.Tensor, target: torch.Tensor, key: str) -> torch.Tensor:
-    (len_src, heads_src), (len_dst, heads_dst) = table.shape, target.shape
-    if heads_src != heads_dst:
-        raise CheckpointMismatchError(f"'{key}': checkpoint has {heads_src} heads, the model {heads_dst}")
-    side_src, side_dst = int(math.sqrt(len_src)), int(math.sqrt(len_dst))
-    grid = table.float().t().reshape(1, heads_src, side_src, side_src)
-    grid = F.interpolate(grid, size=(side_dst, side_dst), mode="bicubic", align_corners=False)
-    return grid.reshape(heads_dst, len_dst).t().to(table.dtype)
-
-
-def _resize_halo_embedding(table: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    if table.shape == target.shape:
-        return table
-    line = table.float().t().unsqueeze(0)  # (1, d, R1)
-    line = F.interpolate(line, size=target.shape[0], mode="linear", align_corners=True)
-    return line[0].t().to(table.dtype)
-
-
-def _resize_pos_embed(embed: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    if embed.shape == target.shape:
-        return embed
-    resized = F.interpolate(embed.float(), size=target.shape[-2:], mode="bilinear", align_corners=True)
-    return resized.to(embed.dtype)
-
-
 def _read_label_map(path: str | os.PathLike) -> torch.Tensor:
     lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
     return torch.tensor([int(line) for line in lines], dtype=torch.long)
 
 
+def _block_policy(model: nn.Module) -> type:
+    from .mixer import block_policy
+
+    block_type = getattr(model, "block_type", None)
+    return block_policy(block_type) if isinstance(block_type, type) else block_policy(nn.Module)
+
+
+def is_derived_buffer(model: nn.Module, key: str) -> bool:
+    """Whether `key` is a buffer the model computes from its geometry (the family's `derived_buffers`): never
+    loaded from a checkpoint, never required in one."""
+    from .mixer import split_block_key
+
+    parts = split_block_key(key)
+    return parts is not None and parts[2] in _block_policy(model).derived_buffers
+
+
 def adapt_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
                      label_map_path: str | None = None) -> dict[str, torch.Tensor]:
-    """Apply the study's loading rules (spec §1.7) to a state_dict for `model`."""
+    """Apply the study's loading rules (spec §1.7) to a state_dict for `model`: the family's derived buffers are
+    skipped, block tensors go through the family's `adapt_checkpoint_tensor` (e.g. tables interpolated to the
+    model's window size), and a classifier of another size is subset with the label map, if any."""
+    from .mixer import split_block_key
+
     own = model.state_dict()
+    policy = _block_policy(model)
     label_map_path = label_map_path or getattr(model, "label_map_path", None)
-    resize_pos_embed = getattr(getattr(model, "block_type", None), "RESIZE_POS_EMBED_ON_LOAD", False)
     adapted: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        if _is_ignored_buffer(key):
+        if is_derived_buffer(model, key):
             continue  # the model keeps the index/mask buffers it computed itself
         target = own.get(key)
         if target is not None:
-            if "relative_position_bias_table" in key:
-                value = _resize_relative_position_table(value, target, key)
-            elif "height_rel" in key or "width_rel" in key:
-                value = _resize_halo_embedding(value, target)
-            elif "head" in key and "conv" not in key and value.shape[0] != target.shape[0]:
-                if label_map_path:
-                    value = value[_read_label_map(label_map_path)]
-            elif resize_pos_embed and "pos_embed" in key:
-                value = _resize_pos_embed(value, target)
+            parts = split_block_key(key)
+            if parts is not None:
+                try:
+                    value = policy.adapt_checkpoint_tensor(parts[2], value, target)
+                except CheckpointMismatchError as error:
+                    raise CheckpointMismatchError(f"checkpoint entry '{key}': {error}") from error
+            elif key.startswith("head.") and value.shape[0] != target.shape[0] and label_map_path:
+                value = value[_read_label_map(label_map_path)]
         adapted[key] = value
     return adapted
 
@@ -257,12 +244,13 @@ def _listing(items: list[str]) -> str:
 
 
 def check_state_dict_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
-                          allowed_missing: tuple[str, ...] = IGNORED_BUFFER_TAGS) -> None:
+                          allowed_missing: tuple[str, ...] = ()) -> None:
     """Raise one CheckpointMismatchError naming the model and the first offending keys."""
     own = model.state_dict()
     problems = []
     if strict:
-        missing = [k for k in own if k not in state_dict and not any(t in k for t in allowed_missing)]
+        missing = [k for k in own if k not in state_dict and k not in allowed_missing
+                   and not is_derived_buffer(model, k)]
         unexpected = [k for k in state_dict if k not in own]
         if missing:
             problems.append(f"{len(missing)} model keys missing from the checkpoint: {_listing(missing)}")
@@ -327,6 +315,19 @@ def adapt_for_finetune(model: nn.Module, state_dict: dict[str, torch.Tensor]) ->
     return state_dict, tuple(allowed_missing)
 
 
+def _weights(model: nn.Module, checkpoint: str | os.PathLike | Mapping, trusted: bool, sha256: str | None,
+             use_ema: bool, allow_non_finite: bool) -> dict[str, torch.Tensor]:
+    """The state_dict to load from a path/URL/dict, by the rules of this module's docstring."""
+    source = None
+    if not isinstance(checkpoint, Mapping):
+        source = checkpoint
+        checkpoint = read_checkpoint(checkpoint, trusted=trusted, sha256=sha256)
+    state_dict = extract_state_dict(checkpoint, use_ema=use_ema)
+    if not allow_non_finite:
+        check_finite(state_dict, model, source)
+    return state_dict
+
+
 def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping, strict: bool = True,
                     label_map_path: str | None = None, use_ema: bool = False, trusted: bool = False,
                     sha256: str | None = None, finetune: bool = False, allow_non_finite: bool = False):
@@ -339,18 +340,12 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping, s
     Returns torch's `_IncompatibleKeys` (always empty lists in strict mode, which raises instead).
     """
     model = getattr(model, "model", model) if not hasattr(model, "block_type") else model  # unwrap features
-    source = None
-    if not isinstance(checkpoint, Mapping):
-        source = checkpoint
-        checkpoint = read_checkpoint(checkpoint, trusted=trusted, sha256=sha256)
-    state_dict = extract_state_dict(checkpoint, use_ema=use_ema)
-    if not allow_non_finite:
-        check_finite(state_dict, model, source)
+    state_dict = _weights(model, checkpoint, trusted, sha256, use_ema, allow_non_finite)
     adapted = adapt_state_dict(model, state_dict, label_map_path=label_map_path)
     allowed_missing: tuple[str, ...] = ()
     if finetune:
         adapted, allowed_missing = adapt_for_finetune(model, adapted)
-    check_state_dict_keys(model, adapted, strict=strict, allowed_missing=IGNORED_BUFFER_TAGS + allowed_missing)
+    check_state_dict_keys(model, adapted, strict=strict, allowed_missing=allowed_missing)
     return nn.Module.load_state_dict(model, adapted, strict=False)
 
 
@@ -362,25 +357,19 @@ def load_into_dense_backbone(model: nn.Module, checkpoint: str | os.PathLike | M
     `out_norm_*`; no interpolation: tables must already have the model's shapes. Which weights, prefixes,
     hashes and non-finite values follow the rules of this module's docstring.
     """
-    source = None
-    if not isinstance(checkpoint, Mapping):
-        source = checkpoint
-        checkpoint = read_checkpoint(checkpoint, trusted=trusted, sha256=sha256)
-    state_dict = extract_state_dict(checkpoint, use_ema=use_ema)
-    if not allow_non_finite:
-        check_finite(state_dict, model, source)
+    state_dict = _weights(model, checkpoint, trusted, sha256, use_ema, allow_non_finite)
     own = model.state_dict()
     kept = {}
     unexpected = []
     for key, value in state_dict.items():
-        if key.startswith(("conv_head", "head")) or _is_ignored_buffer(key):
+        if key.startswith(("conv_head", "head")) or is_derived_buffer(model, key):
             continue
         if key not in own:
             if "stage_norms" not in key:
                 unexpected.append(key)
             continue
         kept[key] = value
-    missing = [k for k in own if k not in kept and "out_norm_" not in k and not _is_ignored_buffer(k)]
+    missing = [k for k in own if k not in kept and "out_norm_" not in k and not is_derived_buffer(model, k)]
     if missing or unexpected:
         parts = []
         if missing:

@@ -8,24 +8,24 @@ model's graph allows it (`DYNAMIC_HW_*`: ConvNeXt and PVT-v2 classifiers; ConvNe
 backbones); the others are exported for the given `--img-size` only, and the command says which axes are dynamic.
 The exported graph does not repeat the model's Python input-size checks: feed it the sizes the model takes.
 
-The deformable sampling of DCNv3 is exported as its `grid_sample` formulation (`ops.ms_deform_attn_pytorch`,
-the same function as the compiled op up to float rounding), which ONNX (GridSample, opset >= 16) and any
-PyTorch runtime execute without the `stm_cuda_ops` extension.
+The deformable sampling of DCNv3 is exported as its `grid_sample` formulation (`stm_cuda_ops.use_reference()`:
+the op's pure-PyTorch reference, the same function as the compiled op up to float rounding), which ONNX
+(GridSample, opset >= 16) and any PyTorch runtime execute without the `stm_cuda_ops` extension.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from . import ops
+import stm_cuda_ops
+
 from .checkpoint import load_checkpoint, load_into_dense_backbone
 from .dense import create_dense_backbone
 from .registry import create_model
@@ -44,18 +44,6 @@ MAX_SIDE_32 = 128  # height and width up to 4096 pixels
 
 class ExportError(RuntimeError):
     """A model could not be exported (the message says why and what to try)."""
-
-
-@contextlib.contextmanager
-def grid_sample_deformable_op() -> Iterator[None]:
-    """Route the DCNv3 sampling through its pure-PyTorch grid_sample formulation while exporting."""
-    saved = dict(ops._dispatch_state)
-    ops._dispatch_state.update(resolved=True, compiled=None, warned=True)
-    try:
-        yield
-    finally:
-        ops._dispatch_state.clear()
-        ops._dispatch_state.update(saved)
 
 
 class _Outputs(nn.Module):
@@ -111,7 +99,7 @@ def export_program(model: nn.Module, example: torch.Tensor, dynamic_hw: bool) ->
         height, width = (64 if n == 32 else n for n in (height, width))
     if (batch, height, width) != tuple(example.shape[:1]) + tuple(example.shape[2:]) or batch == 1:
         example = torch.randn(max(batch, 2), channels, height, width, dtype=example.dtype, device=example.device)
-    with grid_sample_deformable_op(), torch.no_grad():
+    with stm_cuda_ops.use_reference(), torch.no_grad():  # the grid_sample formulation
         return torch.export.export(wrapped, (example,), dynamic_shapes=_dynamic_shapes(dynamic_hw), strict=False)
 
 
@@ -162,7 +150,7 @@ def export(model: nn.Module, fmt: str, output: str | os.PathLike, example: torch
 
 def _save_onnx(program: torch.export.ExportedProgram, path: str, outputs: int) -> None:
     """torch.onnx's exporter on the exported program (opset 18: GridSample for the deformable sampling)."""
-    with grid_sample_deformable_op():
+    with stm_cuda_ops.use_reference():
         onnx_program = torch.onnx.export(
             program, dynamo=True, opset_version=ONNX_OPSET, input_names=["x"],
             output_names=[f"out{i}" for i in range(outputs)] if outputs > 1 else ["logits"], optimize=False,

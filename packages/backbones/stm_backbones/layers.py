@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
+from . import fast_paths
+
 
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channel axis of an NCHW tensor (keys `weight`, `bias`)."""
@@ -63,30 +65,6 @@ def scale(x: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
     return x if gamma is None else gamma * x
 
 
-def residual_add(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor | None,
-                 drop_path: nn.Module) -> torch.Tensor:
-    """`x + drop_path(scale(y, gamma))` in one fused `addcmul` (one pass instead of up to three).
-
-    γ and timm's per-sample DropPath multiplier are folded into one small (B, 1, .., C) factor first; the
-    random draw is the one `timm.layers.drop_path` makes (same shape, dtype and generator calls), so a
-    seeded training run draws the same samples. Any other `drop_path` module takes the unfused route.
-    """
-    if isinstance(drop_path, DropPath) and drop_path.training and drop_path.drop_prob > 0.0:
-        keep = 1.0 - drop_path.drop_prob
-        dtype = y.dtype if gamma is None else torch.promote_types(gamma.dtype, y.dtype)  # = the γ·y dtype
-        keep_mask = y.new_empty((y.shape[0],) + (1,) * (y.ndim - 1), dtype=dtype).bernoulli_(keep)
-        if keep > 0.0 and drop_path.scale_by_keep:
-            keep_mask.div_(keep)
-        factor = keep_mask if gamma is None else gamma * keep_mask
-    elif isinstance(drop_path, (nn.Identity, DropPath)):
-        factor = gamma
-    else:
-        return x + drop_path(scale(y, gamma))
-    if factor is None:
-        return x + y
-    return torch.addcmul(x, y, factor)
-
-
 class SizeCache:
     """A few recently used tensors that depend only on a map/image size, keyed by (size, device, ...).
 
@@ -99,7 +77,7 @@ class SizeCache:
         self.entries: dict[tuple, Any] = {}
 
     def get(self, key: tuple, build: Callable[[], Any]) -> Any:
-        if torch.compiler.is_compiling():
+        if fast_paths.compiling():
             return build()
         value = self.entries.get(key)
         if value is None:

@@ -8,10 +8,8 @@ One trunk (stem, three down-sampling layers, four stages of mixer blocks) serves
   per requested output, blocks built in their padding-tolerant mode; `forward` returns the list of
   normalised NCHW maps at strides 4, 8, 16, 32.
 
-Blocks are constructed with `dim, drop_path, stage, depth, total_depth, input_resolution,
-layer_scale_init_value, dense` plus the family's `block_kwargs`. Optional static hooks on the block
-class: `pre_stage_transform(x)`, `post_stage_transform(x)`, `extra_inputs(image, **forward_kwargs)`
-and `input_size_error(height, width, img_size, dense) -> str | None`.
+Blocks follow the mixer contract of `stm_backbones.mixer` (constructor keywords, optional hooks, family
+policies).
 """
 
 from __future__ import annotations
@@ -28,6 +26,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from .layers import LayerNorm2d
+from .mixer import block_policy, split_block_key
 
 DEFAULT_NORM = partial(LayerNorm2d, eps=1e-6)
 
@@ -249,11 +248,27 @@ class MetaArch(nn.Module):
         self.apply(_init_conv_linear)
 
     # ------------------------------------------------------------------ timm model API
+    def _block_parameter_names(self, policy: str) -> set[str]:
+        """Full names of the block parameters that the block family lists under `policy` (see mixer.py)."""
+        listed = set(getattr(block_policy(self.block_type), policy))
+        names = set()
+        for name, _ in self.named_parameters():
+            parts = split_block_key(name)
+            if parts is not None and parts[2] in listed:
+                names.add(name)
+        return names
+
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        names = {"absolute_pos_embed"}
-        names.update(n for n, _ in self.named_parameters() if "relative_position_bias_table" in n)
-        return names
+        """timm's API: parameters the classification recipe trains without weight decay (the family's
+        `no_weight_decay_params`, e.g. Swin's relative-position tables)."""
+        return self._block_parameter_names("no_weight_decay_params")
+
+    @torch.jit.ignore
+    def position_tables(self) -> set[str]:
+        """Parameters that encode positions (the family's `position_tables`; the detection app does not decay
+        them)."""
+        return self._block_parameter_names("position_tables")
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stm_backbones import ops
+import stm_cuda_ops
+from stm_backbones.fast import mlp as fast_mlp
 
 TESTS_DIR = str(Path(__file__).resolve().parent)
 if TESTS_DIR not in sys.path:  # for bb_test_utils
@@ -27,22 +28,21 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(params=["dispatch", "pytorch"])
+@pytest.fixture(params=["dispatch", "reference"])
 def op_backend(request):
-    """Run a test through the default dispatch (the compiled op when built) and through the PyTorch fallback."""
+    """Run a test through the default dispatch (the compiled op when built) and through stm_cuda_ops'
+    pure-PyTorch reference (the fallback when the extension is not built)."""
     if request.param == "dispatch":
         yield request.param
         return
-    saved = dict(ops._dispatch_state)
-    ops._dispatch_state.update(resolved=True, compiled=None, warned=True)
-    yield request.param
-    ops._dispatch_state.update(saved)
+    with stm_cuda_ops.use_reference():
+        yield request.param
 
 
 @pytest.fixture
 def tiny_chunks(monkeypatch):
-    """Make every chunked GELU MLP (ops.mlp_gelu) run in several 7-row chunks (the last one shorter),
+    """Make every chunked GELU MLP (fast.mlp.mlp_gelu) run in several 7-row chunks (the last one shorter),
     with and without autograd."""
-    monkeypatch.setattr(ops, "MLP_CHUNK_BYTES", 1)
-    monkeypatch.setattr(ops, "_MIN_CHUNK_ROWS", 7)
-    monkeypatch.setattr(ops, "MLP_CHUNKING_BYTES", 0)
+    monkeypatch.setattr(fast_mlp, "MLP_CHUNK_BYTES", 1)
+    monkeypatch.setattr(fast_mlp, "_MIN_CHUNK_ROWS", 7)
+    monkeypatch.setattr(fast_mlp, "MLP_CHUNKING_BYTES", 0)

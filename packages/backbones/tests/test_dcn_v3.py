@@ -2,7 +2,10 @@
 deformable_op.md §2, §5, §6)."""
 
 import math
+import os
+import subprocess
 import sys
+import textwrap
 import warnings
 
 import pytest
@@ -10,7 +13,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from stm_backbones import ops
+import stm_cuda_ops
+from stm_backbones import fast_paths, ops
 from stm_backbones.models.dcn_v3 import DCNv3Block, DeformableAttention, kernel_grid
 
 DIM, HEADS, P = 8, 2, 9
@@ -18,11 +22,17 @@ DIM, HEADS, P = 8, 2, 9
 
 @pytest.fixture
 def pure_pytorch_op():
-    """Force the pure-PyTorch fallback (as if stm_cuda_ops were missing), without its warning."""
-    saved = dict(ops._dispatch_state)
-    ops._dispatch_state.update(resolved=True, compiled=None, warned=True)
-    yield
-    ops._dispatch_state.update(saved)
+    """Force stm_cuda_ops' pure-PyTorch reference (the fallback when its extension is not built), without
+    the fallback's warning."""
+    with stm_cuda_ops.use_reference():
+        yield
+
+
+@pytest.fixture(params=["fast", "plain"])
+def path(request):
+    """Run a test through the block's fast path and through its plain formulation."""
+    with fast_paths.fast_paths(request.param == "fast"):
+        yield request.param
 
 
 def stage_inputs(height, width):
@@ -100,7 +110,7 @@ def naive_deformable_attention(attn, u):
 
 
 def naive_grid_sample_msda(value, shapes, locations, weights):
-    """deformable_op.md §5 written out per level and head with grid_sample (independent of ops.py)."""
+    """deformable_op.md §5 written out per level and head with grid_sample (independent of the op's code)."""
     batch, _, heads, d = value.shape
     _, queries, _, levels, points, _ = locations.shape
     out = torch.zeros(batch, queries, heads * d, dtype=value.dtype)
@@ -160,7 +170,7 @@ def test_input_size_rule():
 
 
 # ----------------------------------------------------------------------------------- sampling
-def test_attention_matches_per_pixel_loop(op_backend):
+def test_attention_matches_per_pixel_loop(op_backend, path):
     attn = make_attention()
     u = torch.randn(2, 5, 6, DIM, dtype=torch.float64)
     expected = naive_deformable_attention(attn, u)
@@ -168,7 +178,7 @@ def test_attention_matches_per_pixel_loop(op_backend):
     torch.testing.assert_close(attn(u, stage_inputs(5, 6)), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_samples_outside_the_map_are_zero_not_bias(pure_pytorch_op):
+def test_samples_outside_the_map_are_zero_not_bias(pure_pytorch_op, path):
     attn = make_attention(offset_std=0.0)
     with torch.no_grad():
         attn.sampling_offsets.bias.fill_(50.0)  # every sample far outside
@@ -179,7 +189,7 @@ def test_samples_outside_the_map_are_zero_not_bias(pure_pytorch_op):
 
 
 @pytest.mark.parametrize("point", range(P))
-def test_point_enumeration_picks_transposed_neighbour(point, op_backend):
+def test_point_enumeration_picks_transposed_neighbour(point, op_backend, path):
     """Only point `point` has weight; its offset is (+0.5, 0): the sample lies between two neighbours in x."""
     attn = DeformableAttention(DIM, HEADS).double()
     with torch.no_grad():
@@ -225,8 +235,8 @@ def test_op_matches_grid_sample_formulation(op_backend, dtype):
     expected = naive_grid_sample_msda(value, shapes, locations, weights)
     tol = 1e-5 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
-    torch.testing.assert_close(ops.ms_deform_attn_pytorch(value, shapes, start, locations, weights), expected,
-                               rtol=tol, atol=tol)
+    torch.testing.assert_close(stm_cuda_ops.ms_deform_attn_reference(value, spatial_shapes, start, locations, weights,
+                                                                     static_shapes=shapes), expected, rtol=tol, atol=tol)
 
 
 def test_fallback_gradients_match_grid_sample_formulation(pure_pytorch_op):
@@ -255,7 +265,7 @@ def test_op_runs_in_float32_under_autocast(op_backend):
 
 
 # ----------------------------------------------------------------------------------- block and model
-def test_block_matches_naive_composition(pure_pytorch_op):
+def test_block_matches_naive_composition(pure_pytorch_op, path):
     block = DCNv3Block(dim=DIM, num_heads=(HEADS,), layer_scale_init_value=0.5).double().eval()
     with torch.no_grad():
         for name, p in block.named_parameters():
@@ -277,23 +287,32 @@ def test_no_layer_scale_means_no_gamma():
     assert out.shape == (1, DIM, 4, 4)
 
 
-def test_works_without_stm_cuda_ops_and_warns_once(monkeypatch):
-    saved = dict(ops._dispatch_state)
-    monkeypatch.setitem(sys.modules, "stm_cuda_ops", None)  # `import stm_cuda_ops` now fails
-    ops.reset_dispatch()
-    try:
-        block = DCNv3Block(dim=DIM, num_heads=(HEADS,)).eval()
-        extra = stage_inputs(4, 4)
+def test_works_without_the_compiled_op_and_warns_once():
+    """Without stm_cuda_ops' extension, DCNv3 runs on its pure-PyTorch reference after one warning, which
+    says how to build the op."""
+    code = textwrap.dedent(
+        """
+        import sys, warnings
+        sys.modules["stm_cuda_ops._C"] = None  # as if the extension were not built
+        import torch
+        from stm_backbones import ops
+        from stm_backbones.models.dcn_v3 import DCNv3Block
+        block = DCNv3Block(dim=8, num_heads=(2,)).eval()
+        assert not ops.compiled_op_available()
+        extra = DCNv3Block.extra_inputs(torch.empty(1, 3, 16, 16))[0]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with torch.no_grad():
                 for _ in range(3):
-                    block((torch.randn(1, DIM, 4, 4), extra))
-        hits = [w for w in caught if "stm_cuda_ops" in str(w.message)]
-        assert len(hits) == 1 and "nox -s build_ops" in str(hits[0].message)
-        assert not ops.compiled_op_available()
-    finally:
-        ops._dispatch_state.update(saved)
+                    block((torch.randn(1, 8, 4, 4), extra))
+        hits = [str(w.message) for w in caught if "stm_cuda_ops" in str(w.message)]
+        assert len(hits) == 1 and "nox -s build_ops" in hits[0], hits
+        print("fallback ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0 and "fallback ok" in result.stdout, result.stdout + result.stderr
 
 
 def test_compiled_and_fallback_models_agree():
@@ -303,17 +322,14 @@ def test_compiled_and_fallback_models_agree():
     image = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         compiled = model(image)
-        saved = dict(ops._dispatch_state)
-        ops._dispatch_state.update(resolved=True, compiled=None, warned=True)
-        try:
+        with stm_cuda_ops.use_reference():
             fallback = model(image)
-        finally:
-            ops._dispatch_state.update(saved)
     torch.testing.assert_close(compiled, fallback, rtol=1e-5, atol=1e-5)
 
 
 def test_fallback_is_one_opaque_node_under_jit_trace(pure_pytorch_op):
-    """fvcore-style tracing sees the sampling as one node (as the reference's CUDA op), with the same output."""
+    """fvcore-style tracing sees the sampling as one node (as the reference's CUDA op), with the same output;
+    jit tracing takes the plain (padded) formulation."""
     attn = make_attention().float().eval()
     u = torch.randn(1, 4, 5, DIM)
 
@@ -330,5 +346,5 @@ def test_fallback_is_one_opaque_node_under_jit_trace(pure_pytorch_op):
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(Wrapper(), (u, image), check_trace=False)
     kinds = [node.kind() for node in traced.inlined_graph.nodes()]
-    assert "prim::PythonOp" in kinds and "aten::grid_sampler" not in kinds
+    assert "prim::PythonOp" in kinds and "aten::grid_sampler" not in kinds and "aten::pad" in kinds
     torch.testing.assert_close(traced(u, image), attn(u, stage_inputs(4, 5)), rtol=1e-6, atol=1e-6)

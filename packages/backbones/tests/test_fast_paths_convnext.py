@@ -1,25 +1,24 @@
-"""The channels-last ConvNeXt block against the straightforward NCHW formulation it replaced (fast paths)."""
+"""The ConvNeXt block's channels-last fast path against its plain NCHW formulation (`fast_paths(False)`)."""
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from bb_test_utils import assert_close_to_scale, check_models_against_reference_blocks
+from bb_test_utils import assert_close_to_scale
 from timm.layers import DropPath
 
-from stm_backbones.layers import residual_add, scale
-from stm_backbones.models.convnext import UnifiedConvNeXtBlock, _DepthwiseConv2d, depthwise_weight_grad
+import stm_backbones
+from stm_backbones.fast.depthwise import _DepthwiseConv2d, depthwise_conv, depthwise_weight_grad
+from stm_backbones.fast.residual import residual_add
+from stm_backbones.fast_paths import fast_paths
+from stm_backbones.layers import scale
+from stm_backbones.models.convnext import UnifiedConvNeXtBlock
 
 
-def _reference_forward(block, x):
-    """The original NCHW block: LN2d -> 1x1 conv -> dw conv -> 1x1 conv, γ, DropPath; NHWC MLP, γ, DropPath."""
-    u = x.permute(0, 2, 3, 1)
-    u = F.layer_norm(u, u.shape[-1:], block.dw_norm.weight, block.dw_norm.bias, 1e-6).permute(0, 3, 1, 2)
-    mixed = block.dw_out_proj(block.dwconv(block.dw_input_proj(u)))
-    x = x + block.drop_path(scale(mixed, block.gamma_1))
-    y = x.permute(0, 2, 3, 1)
-    y = y + block.drop_path(scale(block.pwconv2(block.act(block.pwconv1(block.pw_norm(y)))), block.gamma_2))
-    return y.permute(0, 3, 1, 2)
+def plain(module, x):
+    """The module's plain formulation (LN2d -> 1x1 conv -> dw conv -> 1x1 conv, γ, DropPath; NHWC MLP)."""
+    with fast_paths(False):
+        return module(x)
 
 
 def make_block(dim=32, layer_scale=0.5, drop_path=0.0):
@@ -34,7 +33,7 @@ def make_block(dim=32, layer_scale=0.5, drop_path=0.0):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("layer_scale", [0.5, 0.0])
 @pytest.mark.parametrize("chunked", [False, True])
-def test_block_matches_reference_forward(size, channels_last, layer_scale, chunked, request):
+def test_block_matches_plain_forward(size, channels_last, layer_scale, chunked, request):
     if chunked:
         request.getfixturevalue("tiny_chunks")
     block = make_block(layer_scale=layer_scale).eval()
@@ -43,20 +42,20 @@ def test_block_matches_reference_forward(size, channels_last, layer_scale, chunk
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         out = block(x)
-        torch.testing.assert_close(out, _reference_forward(block, x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out, plain(block, x), atol=1e-5, rtol=1e-5)
     assert out.shape == x.shape and out.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_block_matches_reference_double_tightly():
+def test_block_matches_plain_double_tightly():
     block = make_block().double().eval()
     x = torch.randn(2, 32, 10, 7, dtype=torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(block(x), _reference_forward(block, x), atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(block(x), plain(block, x), atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("size", [(9, 11), (1, 1)])  # 1x1: the last stage of a 32 px classifier
 @pytest.mark.parametrize("chunked", [False, True])  # the MLP in row chunks (as for large maps) or in one
-def test_gradients_match_reference(size, chunked, request):
+def test_gradients_match_plain(size, chunked, request):
     if chunked:
         request.getfixturevalue("tiny_chunks")
     block = make_block().train()
@@ -66,7 +65,7 @@ def test_gradients_match_reference(size, chunked, request):
     fast = [x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
     x.grad = None
     block.zero_grad()
-    _reference_forward(block, x).backward(grad)
+    plain(block, x).backward(grad)
     slow = [x.grad] + [p.grad for p in block.parameters()]
     for (name, _), a, b in zip([("x", None), *block.named_parameters()], fast, slow):
         assert_close_to_scale(a, b, msg=name)
@@ -79,7 +78,7 @@ def test_drop_path_draws_the_same_samples():
     torch.manual_seed(1)
     out = block(x)
     torch.manual_seed(1)
-    expected = _reference_forward(block, x)
+    expected = plain(block, x)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(out, block(x))  # a fresh draw differs
 
@@ -94,10 +93,26 @@ def test_residual_add_helper_matches_unfused_formula():
             torch.testing.assert_close(residual_add(x, y, g, module), expected, atol=1e-6, rtol=1e-6)
 
 
-def test_model_matches_reference_blocks_and_dense_mode(monkeypatch):
-    """Whole models (classifier and a dense backbone at a non-square size) against the reference blocks."""
-    check_models_against_reference_blocks("unified_convnext_micro", UnifiedConvNeXtBlock, _reference_forward, 64,
-                                          1e-5, monkeypatch)
+def test_models_match_plain_path():
+    """Whole models (a classifier and a dense backbone at a non-square size): fast path against plain."""
+    model = timm.create_model("unified_convnext_micro", num_classes=7).eval()
+    dense = stm_backbones.create_dense_backbone("unified_convnext_micro").eval()
+    image, dense_image = torch.randn(2, 3, 64, 64), torch.randn(1, 3, 96, 160)
+    with torch.no_grad():
+        torch.testing.assert_close(model(image), plain(model, image), atol=1e-5, rtol=1e-5)
+        for a, b in zip(dense(dense_image), plain(dense, dense_image)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_trace_sees_the_plain_ops():
+    """Traced graphs (fvcore FLOP counts, export) take the plain formulation: no custom autograd ops."""
+    block = make_block().eval()
+    x = torch.randn(1, 32, 9, 9)
+    with torch.no_grad():
+        traced = torch.jit.trace(block, (x,), check_trace=False)
+        torch.testing.assert_close(traced(x), block(x), atol=1e-5, rtol=1e-5)
+    kinds = {node.kind() for node in traced.inlined_graph.nodes()}
+    assert "prim::PythonOp" not in kinds and "aten::_convolution" in kinds and "aten::linear" in kinds
 
 
 # ----------------------------------------------------------------------------------- depth-wise weight gradient
@@ -138,6 +153,17 @@ def test_depthwise_conv_function_gradients_and_autocast():
     for a, b in zip(fast, slow):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b, atol=0.05 * float(b.abs().max()), rtol=0.02)
+
+
+def test_depthwise_conv_runs_other_convolutions_as_they_are():
+    x = torch.randn(1, 4, 9, 9, requires_grad=True)
+    for conv in (torch.nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4),
+                 torch.nn.Conv2d(4, 4, (3, 5), padding=(1, 2), groups=4),
+                 torch.nn.Conv2d(4, 4, 3, padding="same", groups=4)):
+        out = depthwise_conv(conv, x)
+        assert "Depthwise" not in out.grad_fn.name() and torch.equal(out, conv(x))
+    conv = torch.nn.Conv2d(4, 4, 7, padding=3, groups=4)
+    assert "Depthwise" in depthwise_conv(conv, x).grad_fn.name()
 
 
 def test_bf16_autocast_training_step_close_to_float32():

@@ -1,20 +1,22 @@
-"""DCNv3 fast paths against the straightforward formulation written out here.
+"""DCNv3 fast path (`stm_backbones.fast.dcn`) against the block's plain forward (`fast_paths(False)`).
 
-The block samples the *unpadded* value map with locations in the unpadded frame (the reference pads the
-value by one pixel of zeros after value_proj and normalises by the padded size), folds the location
-transform into one GEMM with the attention logits, uses `ops.softmax_lastdim`, folds γ, accumulates the
-residual in the GEMMs and runs the MLP in row chunks. The straightforward formulation below is the
-reference's: F.pad, `ref + (grid + offsets)·scaler / (Wp, Hp)`, F.softmax, γ·branch, DropPath, residual.
-Both must agree in float32 to 1e-5 (outputs and gradients), through the compiled op and the fallback.
+The plain forward is the reference's formulation: F.pad of the projected values, locations
+`ref + (grid + offsets)·scaler / (Wp, Hp)` in the padded frame, F.softmax, γ·branch, DropPath, residual.
+The fast path samples the *unpadded* value map with locations in the unpadded frame, folds the location
+transform into one GEMM with the attention logits, uses `softmax_lastdim`, folds γ, accumulates the
+residual in the GEMMs and runs the MLP in row chunks. Both must agree in float32 to 1e-5 (outputs and
+gradients), through the compiled op and through stm_cuda_ops' pure-PyTorch reference (`op_backend`).
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
-from bb_test_utils import assert_grads_close, check_classifier_against_straightforward, grads_of
+from bb_test_utils import assert_grads_close, grads_of
 
 import stm_backbones
-from stm_backbones import ops
+from stm_backbones import fast_paths
+from stm_backbones.fast import dcn as fast_dcn
+from stm_backbones.fast.softmax import softmax_lastdim
 from stm_backbones.models import dcn_v3
 from stm_backbones.models.dcn_v3 import DCNv3Block, DeformableAttention
 
@@ -26,40 +28,20 @@ def stage_inputs(height, width):
     return DCNv3Block.extra_inputs(torch.empty(1, 3, 4 * height, 4 * width))[0]
 
 
-# ----------------------------------------------------------------------------------- straightforward formulation
-def straightforward_attention(attn, u, inputs):
-    """DeformableAttention.forward as the reference writes it (padded value map, padded frame)."""
-    reference_points, spatial_shapes, level_start_index = inputs[:3]
-    batch, height, width, channels = u.shape
-    queries = height * width
-    heads, points, levels = attn.num_heads, attn.points, attn.levels
-    branch = attn.dw_conv(u.permute(0, 3, 1, 2)).reshape(batch, queries, channels)
-    offsets = attn.sampling_offsets(branch).view(batch, queries, heads, levels, points, 2)
-    weights = attn.attention_weights(branch).view(batch, queries, heads, levels * points)
-    weights = weights.softmax(-1).view(batch, queries, heads, levels, points)
-    value = attn.value_proj(u)
-    pad = attn.pad
-    value = F.pad(value, (0, 0, pad, pad, pad, pad))
-    padded = (height + 2 * pad, width + 2 * pad)
-    value = value.reshape(batch, padded[0] * padded[1], heads, attn.head_dim)
-    normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
-    locations = (reference_points[:, :, None, :, None, :]
-                 + (attn.grid + offsets) * attn.offsets_scaler / normalizer[None, None, None, :, None, :])
-    out = ops.ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, attn.im2col_step,
-                             static_shapes=[padded])
-    return attn.output_proj(out).view(batch, height, width, channels)
+def plain(fn):
+    """`fn` with every fast path switched off: the model file's plain formulation."""
+    def run(*args):
+        with fast_paths.fast_paths(False):
+            return fn(*args)
+    return run
 
 
-def straightforward_block(block, inputs):
-    x, extra = inputs
-    y = x.permute(0, 2, 3, 1)
+def attention_plain(attn, u, extra):
+    return plain(attn)(u, extra)
 
-    def scale(t, gamma):
-        return t if gamma is None else gamma * t
 
-    y = y + block.drop_path(scale(straightforward_attention(block.attn, block.norm1(y), extra), block.gamma1))
-    y = y + block.drop_path(scale(block.mlp(block.norm2(y)), block.gamma2))
-    return y.permute(0, 3, 1, 2), extra
+def block_plain(block, inputs):
+    return plain(block)(inputs)
 
 
 def randomise(module, offset_std=1.5, std=0.3):
@@ -74,6 +56,20 @@ def make_block(drop_path=0.0, layer_scale=0.5, dtype=torch.float32):
     return randomise(block).to(dtype)
 
 
+def test_plain_forward_pads_the_value_map(monkeypatch):
+    """The plain path is the reference's padded formulation; the fast one never pads (the point of it)."""
+    attn = randomise(DeformableAttention(DIM, HEADS))
+    u, extra = torch.randn(1, 4, 5, DIM), stage_inputs(4, 5)
+    pads = []
+    real_pad = F.pad
+    monkeypatch.setattr(F, "pad", lambda *a, **k: pads.append(a[1]) or real_pad(*a, **k))
+    with torch.no_grad():
+        attention_plain(attn, u, extra)
+        assert pads == [(0, 0, 1, 1, 1, 1)]
+        attn(u, extra)
+    assert len(pads) == 1
+
+
 # ----------------------------------------------------------------------------------- attention
 @pytest.mark.parametrize("size", [(5, 7), (8, 3), (14, 14), (1, 6)])
 def test_attention_matches_padded_formulation(op_backend, size):
@@ -82,7 +78,7 @@ def test_attention_matches_padded_formulation(op_backend, size):
     u = torch.randn(2, *size, DIM)
     extra = stage_inputs(*size)
     with torch.no_grad():
-        torch.testing.assert_close(attn(u, extra), straightforward_attention(attn, u, extra), **TOL)
+        torch.testing.assert_close(attn(u, extra), attention_plain(attn, u, extra), **TOL)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -91,7 +87,7 @@ def test_attention_gradients(op_backend, dtype):
     u = torch.randn(2, 6, 9, DIM, dtype=dtype)
     extra = stage_inputs(6, 9)
     out, grads = grads_of(attn, u, lambda m, t: m(t, extra))
-    want_out, want = grads_of(attn, u, lambda m, t: straightforward_attention(m, t, extra))
+    want_out, want = grads_of(attn, u, lambda m, t: attention_plain(m, t, extra))
     tol = 1e-5 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(out, want_out, rtol=tol, atol=tol)
     assert_grads_close(grads, want, rtol=tol)
@@ -103,7 +99,7 @@ def test_attention_other_points_and_scaler(op_backend):
     u = torch.randn(2, 6, 5, DIM)
     extra = DCNv3Block.extra_inputs(torch.empty(1, 3, 24, 20), deform_points=25)[0]
     with torch.no_grad():
-        torch.testing.assert_close(attn(u, extra), straightforward_attention(attn, u, extra), **TOL)
+        torch.testing.assert_close(attn(u, extra), attention_plain(attn, u, extra), **TOL)
 
 
 def test_attention_without_deform_padding(op_backend):
@@ -111,7 +107,7 @@ def test_attention_without_deform_padding(op_backend):
     u = torch.randn(2, 5, 7, DIM)
     extra = DCNv3Block.extra_inputs(torch.empty(1, 3, 20, 28), deform_padding=False)[0]
     with torch.no_grad():
-        torch.testing.assert_close(attn(u, extra), straightforward_attention(attn, u, extra), **TOL)
+        torch.testing.assert_close(attn(u, extra), attention_plain(attn, u, extra), **TOL)
 
 
 def test_attention_bfloat16_autocast_same_function():
@@ -119,7 +115,7 @@ def test_attention_bfloat16_autocast_same_function():
     u = torch.randn(2, 6, 9, DIM)
     extra = stage_inputs(6, 9)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out, want = attn(u, extra), straightforward_attention(attn, u, extra)
+        out, want = attn(u, extra), attention_plain(attn, u, extra)
     torch.testing.assert_close(out.float(), want.float(), rtol=0, atol=3e-2 * want.abs().max().item())
 
 
@@ -132,10 +128,10 @@ def test_block_eval_and_gradients(op_backend, chunked, request):
     x = torch.randn(2, DIM, 6, 9)
     extra = stage_inputs(6, 9)
     with torch.no_grad():
-        torch.testing.assert_close(block.eval()((x, extra))[0], straightforward_block(block, (x, extra))[0], **TOL)
+        torch.testing.assert_close(block.eval()((x, extra))[0], block_plain(block, (x, extra))[0], **TOL)
     block.train()
     out, grads = grads_of(block, x, lambda m, t: m((t, extra))[0])
-    want_out, want = grads_of(block, x, lambda m, t: straightforward_block(m, (t, extra))[0])
+    want_out, want = grads_of(block, x, lambda m, t: block_plain(m, (t, extra))[0])
     torch.testing.assert_close(out, want_out, **TOL)
     assert_grads_close(grads, want)
 
@@ -148,7 +144,7 @@ def test_block_drop_path_draws_and_gradients_match(layer_scale):
     torch.manual_seed(5)
     out, grads = grads_of(block, x, lambda m, t: m((t, extra))[0])
     torch.manual_seed(5)
-    want_out, want = grads_of(block, x, lambda m, t: straightforward_block(m, (t, extra))[0])
+    want_out, want = grads_of(block, x, lambda m, t: block_plain(m, (t, extra))[0])
     torch.testing.assert_close(out, want_out, **TOL)
     assert_grads_close(grads, want)
 
@@ -158,32 +154,31 @@ def test_block_float64(tiny_chunks):
     x = torch.randn(2, DIM, 6, 9, dtype=torch.float64)
     extra = stage_inputs(6, 9)
     out, grads = grads_of(block, x, lambda m, t: m((t, extra))[0])
-    want_out, want = grads_of(block, x, lambda m, t: straightforward_block(m, (t, extra))[0])
+    want_out, want = grads_of(block, x, lambda m, t: block_plain(m, (t, extra))[0])
     torch.testing.assert_close(out, want_out, rtol=1e-10, atol=1e-10)
     assert_grads_close(grads, want, rtol=1e-9)
 
 
-# ----------------------------------------------------------------------------------- models
-def _straightforward(monkeypatch):
-    monkeypatch.setattr(DCNv3Block, "forward", straightforward_block)
-
-
-def test_classifier_logits_and_gradients(monkeypatch):
+# ----------------------------------------------------------------------------------- models (float32)
+def test_classifier_logits_and_gradients(op_backend):
     model = stm_backbones.create_model("unified_dcn_v3_micro", num_classes=10, layer_scale_init_value=0.5)
     randomise(model, offset_std=0.05, std=0.05)
     image = torch.randn(2, 3, 64, 96)
-    check_classifier_against_straightforward(model, image, _straightforward, monkeypatch)
+    model.eval()
+    with torch.no_grad():
+        fast, want = model(image), plain(model)(image)
+    torch.testing.assert_close(fast, want, **TOL)
+    _, grads = grads_of(model, image, lambda m, t: m(t))
+    _, want_grads = grads_of(model, image, lambda m, t: plain(m)(t))
+    assert_grads_close(grads, want_grads)
 
 
-def test_dense_backbone_non_square(monkeypatch):
+def test_dense_backbone_non_square():
     dense = stm_backbones.create_dense_backbone("unified_dcn_v3_micro", layer_scale_init_value=0.5).eval()
     randomise(dense, offset_std=0.05, std=0.05)
     image = torch.randn(1, 3, 96, 160)
     with torch.no_grad():
-        fast = dense(image)
-        with monkeypatch.context() as patch:
-            _straightforward(patch)
-            want = dense(image)
+        fast, want = dense(image), plain(dense)(image)
     for got, ref in zip(fast, want):
         torch.testing.assert_close(got, ref, **TOL)
 
@@ -193,7 +188,7 @@ def test_dense_backbone_non_square(monkeypatch):
 def test_softmax_lastdim(dtype):
     gen = torch.Generator().manual_seed(7)
     x = (torch.randn(3, 5, 4, 9, generator=gen) * 4).to(dtype).requires_grad_()
-    y = ops.softmax_lastdim(x)
+    y = softmax_lastdim(x)
     want_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert y.dtype == want_dtype
     ref_x = x.detach().to(want_dtype).requires_grad_()
@@ -212,7 +207,7 @@ def test_softmax_lastdim(dtype):
     grad_rtol = torch.finfo(dtype).eps if dtype == torch.bfloat16 else 0.0
     torch.testing.assert_close(gx.to(want_dtype), want, rtol=grad_rtol, atol=4 * n * eps * float(g.abs().max()))
     with torch.no_grad():
-        torch.testing.assert_close(ops.softmax_lastdim(x), ref.detach(), rtol=0, atol=8 * eps)
+        torch.testing.assert_close(softmax_lastdim(x), ref.detach(), rtol=0, atol=8 * eps)
 
 
 def test_extra_inputs_cached_per_image_size():
@@ -227,6 +222,21 @@ def test_extra_inputs_cached_per_image_size():
     assert len(dcn_v3._EXTRA_INPUTS.entries) <= dcn_v3._EXTRA_INPUTS.capacity
 
 
+def test_cached_tensors_made_in_inference_mode_stay_out_of_autograd():
+    """Tensors cached under torch.inference_mode() are not reused by a later forward with autograd."""
+    block = make_block().train()
+    x = torch.randn(1, DIM, 4, 4)
+    with torch.inference_mode():
+        extra = DCNv3Block.extra_inputs(torch.empty(1, 3, 16, 16))[0]
+        block((x, extra))
+        assert fast_dcn._level_tensors(4, 4, x.device)[0].is_inference()
+    extra = DCNv3Block.extra_inputs(torch.empty(1, 3, 16, 16))[0]
+    assert not extra[0].is_inference() and not fast_dcn._level_tensors(4, 4, x.device)[0].is_inference()
+    out = block((x.requires_grad_(), extra))[0]
+    out.sum().backward()
+    assert x.grad is not None
+
+
 def test_block_compiles_fullgraph():
     block = make_block().eval()
     x = torch.randn(2, DIM, 6, 9)
@@ -234,7 +244,7 @@ def test_block_compiles_fullgraph():
     torch._dynamo.reset()
     compiled = torch.compile(block, fullgraph=True)
     with torch.no_grad():
-        torch.testing.assert_close(compiled((x, extra))[0], straightforward_block(block, (x, extra))[0], **TOL)
+        torch.testing.assert_close(compiled((x, extra))[0], block_plain(block, (x, extra))[0], **TOL)
 
 
 def test_no_graph_breaks_in_training_with_drop_path():

@@ -1,53 +1,26 @@
 """The Halo fast path (Linear k|v projection, window gather with a block-sum backward, relative logits as one
-batched product, -inf additive mask, SDPA / baddbmm) against the straightforward formulation it replaced."""
+batched product, -inf additive mask, SDPA / baddbmm) against the plain formulation (`fast_paths(False)`)."""
 
 import pytest
+import timm
 import torch
-import torch.nn.functional as F
-from bb_test_utils import check_models_against_reference_blocks, check_training_step_against
+from bb_test_utils import check_training_step_against
 from timm.layers import DropPath
 
 import stm_backbones
-from stm_backbones.models.halo import (
-    HaloAttn,
-    UnifiedHaloBlock,
-    _halo_windows_reference,
-    halo_windows,
-    halo_windows_grad,
-)
+from stm_backbones.fast import halo as fast_halo
+from stm_backbones.fast.halo import _halo_windows_reference, halo_windows, halo_windows_grad
+from stm_backbones.fast_paths import fast_paths
+from stm_backbones.models.halo import HaloAttn, UnifiedHaloBlock
 
 BS, HALO, WIN = 7, 3, 13
 
 
-# ----------------------------------------------------------------------------------- the original formulation
-def _reference_attn(attn: HaloAttn, x):
-    """HaloAttn.forward as it was: 1x1 conv for k|v, F.pad + unfold, q·kᵀ·scale + pos_embed(q), masked_fill."""
-    batch, height, width, _ = x.shape
-    bs, halo, win, heads = attn.block_size, attn.halo_size, attn.win_size, attn.num_heads
-    d_qk, d_v = attn.dim_head_qk, attn.dim_head_v
-    if attn.dense:
-        x = F.pad(x, (0, 0, 0, (-width) % bs, 0, (-height) % bs))
-    padded_h, padded_w = x.shape[1], x.shape[2]
-    n_h, n_w = padded_h // bs, padded_w // bs
-    q = attn.q(x).reshape(batch, n_h, bs, n_w, bs, heads, d_qk)
-    q = q.permute(0, 5, 1, 3, 2, 4, 6).reshape(batch, heads, n_h * n_w, bs * bs, d_qk)
-    kv = attn.kv(x.permute(0, 3, 1, 2))
-    kv = F.pad(kv, (halo, halo, halo, halo)).unfold(2, win, bs).unfold(3, win, bs)
-    kv = kv.reshape(batch, heads, d_qk + d_v, n_h * n_w, win * win).permute(0, 1, 3, 4, 2)
-    k, v = kv.split([d_qk, d_v], dim=-1)
-    logits = (q * attn.scale) @ k.transpose(-1, -2) + attn.pos_embed(q)
-    mask = attn.halo_mask(padded_h, padded_w, x.device)
-    out = logits.masked_fill(mask, -torch.finfo(logits.dtype).max).softmax(dim=-1) @ v
-    out = out.reshape(batch, heads, n_h, n_w, bs, bs, d_v).permute(0, 2, 4, 3, 5, 1, 6)
-    out = out.reshape(batch, padded_h, padded_w, heads * d_v)[:, :height, :width]
-    return attn.proj(out)
-
-
-def _reference_block(block: UnifiedHaloBlock, x):
-    gamma_1 = 1.0 if block.gamma_1 is None else block.gamma_1
-    gamma_2 = 1.0 if block.gamma_2 is None else block.gamma_2
-    x = x + block.drop_path(gamma_1 * _reference_attn(block.attn, block.norm1(x)))
-    return x + block.drop_path(gamma_2 * block.mlp(block.norm2(x)))
+# ----------------------------------------------------------------------------------- the plain formulation
+def _plain(module, x):
+    """The module's plain formulation (1x1 conv for k|v, F.pad + unfold, q·kᵀ·scale + pos_embed(q), masked_fill)."""
+    with fast_paths(False):
+        return module(x)
 
 
 def randomise(module, table_std=0.5):
@@ -71,44 +44,44 @@ CASES = [  # (dense, size, dim, heads)
 
 # ----------------------------------------------------------------------------------- forward and gradients
 @pytest.mark.parametrize("dense, size, dim, heads", CASES)
-def test_inference_matches_reference(dense, size, dim, heads):
+def test_inference_matches_plain(dense, size, dim, heads):
     block = make_block(dim, heads, dense).eval()
     x = torch.randn(2, *size, dim)
     with torch.no_grad():
         out = block(x)
-        torch.testing.assert_close(out, _reference_block(block, x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out, _plain(block, x), atol=1e-5, rtol=1e-5)
     assert out.shape == x.shape
 
 
 @pytest.mark.parametrize("dense, size, dim, heads", CASES)
-def test_training_path_and_gradients_match_reference(dense, size, dim, heads):
+def test_training_path_and_gradients_match_plain(dense, size, dim, heads):
     block = make_block(dim, heads, dense).train()
-    check_training_step_against(block, torch.randn(2, *size, dim), _reference_block)
-
+    check_training_step_against(block, torch.randn(2, *size, dim), _plain)
 
 
 @pytest.mark.parametrize("dense", [False, True])
-def test_mlp_in_row_chunks_matches_reference(dense, tiny_chunks):
+def test_mlp_in_row_chunks_matches_plain(dense, tiny_chunks):
     """The MLP in row chunks (what large maps get) in inference and in a training step."""
     block = make_block(16, 2, dense)
     x = torch.randn(2, 14, 21, 16)
     with torch.no_grad():
-        torch.testing.assert_close(block.eval()(x), _reference_block(block, x), atol=1e-5, rtol=1e-5)
-    check_training_step_against(block.train(), x, _reference_block)
+        torch.testing.assert_close(block.eval()(x), _plain(block, x), atol=1e-5, rtol=1e-5)
+    check_training_step_against(block.train(), x, _plain)
 
-def test_double_precision_matches_reference_tightly():
+
+def test_double_precision_matches_plain_tightly():
     for training in (False, True):
         block = make_block(dense=True, dtype=torch.float64).train(training)
         x = torch.randn(2, 10, 12, 16, dtype=torch.float64)
         with torch.set_grad_enabled(training):
-            torch.testing.assert_close(block(x), _reference_block(block, x), atol=1e-12, rtol=1e-12)
+            torch.testing.assert_close(block(x), _plain(block, x), atol=1e-12, rtol=1e-12)
 
 
 def test_outside_keys_get_no_weight_with_huge_logits_in_both_paths():
     """-inf in the additive mask gives outside keys exactly the zero weight of the -finfo.max fill."""
     attn = randomise(HaloAttn(16, 2), table_std=3000.0).double()
     x = torch.randn(1, 7, 7, 16, dtype=torch.float64)
-    expected = _reference_attn(attn, x)
+    expected = _plain(attn, x)
     with torch.no_grad():
         torch.testing.assert_close(attn(x), expected, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(attn(x), expected, atol=1e-10, rtol=1e-10)  # autograd (baddbmm) path
@@ -121,7 +94,7 @@ def test_drop_path_draws_the_same_samples():
     torch.manual_seed(3)
     out = block(x)
     torch.manual_seed(3)
-    torch.testing.assert_close(out, _reference_block(block, x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, _plain(block, x), atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------- pieces
@@ -168,7 +141,7 @@ def test_compiled_window_gradient_matches_eager():
 def test_position_tables_give_the_relative_logits():
     attn = randomise(HaloAttn(16, 2)).double()
     q = torch.randn(2, 2, 6, BS * BS, 8, dtype=torch.float64)
-    tables = attn.pos_embed.position_tables()  # (bs², d, win²)
+    tables = fast_halo.position_tables(attn.pos_embed)  # (bs², d, win²)
     assert tables.shape == (BS * BS, 8, WIN * WIN)
     fast = torch.einsum("bhnpd,pdk->bhnpk", q, tables)
     torch.testing.assert_close(fast, attn.pos_embed(q), atol=1e-12, rtol=1e-12)
@@ -176,7 +149,7 @@ def test_position_tables_give_the_relative_logits():
 
 def test_additive_mask_is_cached_off_the_state_dict():
     attn = HaloAttn(16, 2)
-    mask = attn.additive_key_mask(14, 21, torch.device("cpu"), torch.float32)
+    mask = fast_halo.additive_key_mask(attn, 14, 21, torch.device("cpu"), torch.float32)
     assert mask.shape == (6, WIN * WIN) and mask.dtype == torch.float32
     assert torch.equal(torch.isinf(mask), attn.halo_mask(14, 21, torch.device("cpu"))[0, :, 0])
     assert set(mask.unique().tolist()) == {0.0, float("-inf")}
@@ -184,21 +157,28 @@ def test_additive_mask_is_cached_off_the_state_dict():
     assert not any("mask" in n for n, _ in attn.named_buffers())
 
 
-def test_fvcore_trace_sees_the_reference_ops():
-    """Traced graphs (fvcore FLOP counts, export) take the reference formulation: no custom autograd ops."""
+def test_fvcore_trace_sees_the_plain_ops():
+    """Traced graphs (fvcore FLOP counts) take the plain formulation: no custom autograd ops, no fused attention."""
     block = make_block().eval()
     x = torch.randn(1, 14, 14, 16)
     with torch.no_grad():
         traced = torch.jit.trace(block, (x,), check_trace=False)
         torch.testing.assert_close(traced(x), block(x), atol=1e-5, rtol=1e-5)
     kinds = {node.kind() for node in traced.inlined_graph.nodes()}
-    assert "prim::PythonOp" not in kinds and "aten::scaled_dot_product_attention" in kinds
+    assert "prim::PythonOp" not in kinds and "aten::scaled_dot_product_attention" not in kinds
+    assert {"aten::unfold", "aten::masked_fill", "aten::softmax"} <= kinds
 
 
 # ----------------------------------------------------------------------------------- models
-def test_model_matches_reference_blocks(monkeypatch):
-    check_models_against_reference_blocks("unified_halo_micro", UnifiedHaloBlock, _reference_block, 224, 1e-4,
-                                          monkeypatch)
+def test_models_match_plain_path():
+    """Whole models (a classifier and a dense backbone at a non-square size): fast path against plain."""
+    model = timm.create_model("unified_halo_micro", num_classes=7).eval()
+    dense = stm_backbones.create_dense_backbone("unified_halo_micro").eval()
+    image, dense_image = torch.randn(2, 3, 224, 224), torch.randn(1, 3, 96, 160)
+    with torch.no_grad():
+        torch.testing.assert_close(model(image), _plain(model, image), atol=1e-4, rtol=1e-4)
+        for a, b in zip(dense(dense_image), _plain(dense, dense_image)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_bf16_autocast_runs_both_paths_close_to_float32():

@@ -1,10 +1,11 @@
-"""PVT fast paths against the straightforward formulation written out here.
+"""PVT fast paths (`stm_backbones.fast.pvt`) against the blocks' plain forward (`fast_paths(False)`).
 
-The blocks use fused SDPA for the spatial-reduction attention, fold γ into `proj` / `fc2`, accumulate the
-residual in the GEMMs, fuse γ and DropPath into one pass and run the MLP in row chunks (`stm_backbones.ops`).
-Here the same blocks are also evaluated the straightforward way (matmul attention scaled after q·kᵀ,
-softmax, γ·branch, DropPath, residual add), and both must agree in float32 to 1e-5: outputs and gradients,
-classification and dense blocks, square and non-square maps, chunked and unchunked MLPs.
+The fast blocks use fused SDPA for the spatial-reduction attention, fold γ into `proj` / `fc2`, accumulate the
+residual in the GEMMs, fuse γ and DropPath into one pass and run the MLP in row chunks (`stm_backbones.fast`).
+The plain forward is the straightforward formulation (matmul attention scaled after q·kᵀ, softmax, γ·branch,
+DropPath, residual add; `test_pvt.py` checks it against naive formulas), and both must agree in float32 to
+1e-5: outputs and gradients, classification and dense blocks, square and non-square maps, chunked and
+unchunked MLPs.
 """
 
 import pytest
@@ -14,51 +15,19 @@ import torch.nn.functional as F
 from bb_test_utils import assert_grads_close, check_classifier_against_straightforward, grads_of
 
 import stm_backbones
-from stm_backbones import ops
-from stm_backbones.models.pvt import PvtBlock, PvtV2Block, _tokens, _untokens
+from stm_backbones import fast_paths
+from stm_backbones.fast import pvt as fast_pvt
+from stm_backbones.fast.mlp import mlp_gelu
+from stm_backbones.models.pvt import PvtBlock, PvtV2Block
 
 DIM, HEADS = 16, 2
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-# ----------------------------------------------------------------------------------- straightforward formulation
-def _scale(t, gamma):
-    return t if gamma is None else gamma * t
-
-
-def straightforward_sra(attn, y, height, width):
-    batch, tokens, channels = y.shape
-    q = attn.q(y).reshape(batch, tokens, attn.num_heads, attn.head_dim).transpose(1, 2)
-    z = attn.norm(_tokens(attn.sr(_untokens(y, height, width)))) if attn.sr_ratio > 1 else y
-    kv = attn.kv(z).reshape(batch, -1, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    k, v = kv.unbind(0)
-    weights = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(dim=-1)
-    return attn.proj((weights @ v).transpose(1, 2).reshape(batch, tokens, channels))
-
-
 def straightforward_block(block, x):
-    """The blocks' forward as first written (PvtBlock: both modes; PvtV2Block)."""
-    height, width = x.shape[-2:]
-    pos_embed = getattr(block, "pos_embed", None)
-    if isinstance(block, PvtBlock) and block.dense:
-        identity = _tokens(x)
-        if pos_embed is not None:
-            if tuple(pos_embed.shape[-2:]) != (height, width):
-                pos_embed = F.interpolate(pos_embed, size=(height, width), mode="bilinear", align_corners=True)
-            x = x + pos_embed
-        attended = straightforward_sra(block.attn, block.norm1(_tokens(x)), height, width)
-        t = identity + block.drop_path(_scale(attended, block.gamma_1))
-    else:
-        if pos_embed is not None:
-            x = x + pos_embed
-        t = _tokens(x)
-        t = t + block.drop_path(_scale(straightforward_sra(block.attn, block.norm1(t), height, width), block.gamma_1))
-    mlp = block.mlp
-    hidden = mlp.fc1(block.norm2(t))
-    if isinstance(block, PvtV2Block):
-        hidden = mlp.dwconv(hidden, height, width)
-    t = t + block.drop_path(_scale(mlp.fc2(F.gelu(hidden)), block.gamma_2))
-    return _untokens(t, height, width)
+    """The block's plain formulation."""
+    with fast_paths.fast_paths(False):
+        return block(x)
 
 
 def make_block(cls=PvtBlock, depth=0, resolution=(8, 8), sr=2, dense=False, layer_scale=0.5, drop_path=0.0,
@@ -159,7 +128,21 @@ def test_float64_is_exact_to_rounding(tiny_chunks):
 def test_sdpa_attention_matches_scaled_after_product():
     block = make_block(sr=2)
     y = torch.randn(2, 64, DIM)
-    torch.testing.assert_close(block.attn(y, 8, 8), straightforward_sra(block.attn, y, 8, 8), **TOL)
+    with fast_paths.fast_paths(False):
+        want = block.attn(y, 8, 8)
+    torch.testing.assert_close(block.attn(y, 8, 8), want, **TOL)
+
+
+@pytest.mark.parametrize("cls, forward", [(PvtBlock, "pvt_block_forward"), (PvtV2Block, "pvt_v2_block_forward")])
+def test_switch_selects_the_path(cls, forward, monkeypatch):
+    block = make_block(cls).eval()
+    x = torch.randn(1, DIM, 8, 8)
+    calls = []
+    monkeypatch.setattr(fast_pvt, forward, lambda b, t: calls.append(b) or t)
+    with torch.no_grad():
+        assert block(x) is x and calls == [block]
+        with fast_paths.fast_paths(False):
+            assert block(x) is not x and calls == [block]
 
 
 def test_bfloat16_autocast_same_function():
@@ -174,7 +157,8 @@ def test_bfloat16_autocast_same_function():
 
 # ----------------------------------------------------------------------------------- models
 def _straightforward(monkeypatch):
-    monkeypatch.setattr(PvtBlock, "forward", straightforward_block)
+    """Switches the fast paths off until the monkeypatch context ends (what `fast_paths(False)` does)."""
+    monkeypatch.setitem(fast_paths._state, "enabled", False)
 
 
 def test_classifier_logits_and_gradients(monkeypatch):
@@ -204,23 +188,23 @@ def test_mlp_gelu_helper(tiny_chunks, bias, with_residual):
     residual = torch.randn(3, 11, 5, dtype=torch.float64) if with_residual else None
     want = fc2(F.gelu(fc1(x))) + (0 if residual is None else residual)
     with torch.no_grad():
-        got = ops.mlp_gelu(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, residual=residual)
+        got = mlp_gelu(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, residual=residual)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
         if residual is not None:  # accumulating into the caller's own tensor
             mine = residual.clone()
-            assert ops.mlp_gelu(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, residual=mine, inplace=True) \
+            assert mlp_gelu(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, residual=mine, inplace=True) \
                 .data_ptr() == mine.data_ptr()
             torch.testing.assert_close(mine, want, rtol=1e-12, atol=1e-12)
     params = [t for t in (x, fc1.weight, fc1.bias, fc2.weight, fc2.bias) if t is not None]
     torch.autograd.gradcheck(
-        lambda *args: ops.mlp_gelu(args[0], args[1], args[2] if bias else None, args[-2 if bias else -1],
-                                   args[-1] if bias else None),
+        lambda *args: mlp_gelu(args[0], args[1], args[2] if bias else None, args[-2 if bias else -1],
+                               args[-1] if bias else None),
         [p.detach().clone().requires_grad_() for p in params])
 
 
 @pytest.mark.parametrize("dense", [False, True])
 def test_no_graph_breaks_in_training_with_drop_path(dense):
-    """torch.compile sees the straightforward formulation in one graph (train mode, DropPath active)."""
+    """torch.compile traces the fast block (its eager-only kernels off) in one graph (train mode, DropPath active)."""
     block = make_block(dense=dense, drop_path=0.3).train()
     torch._dynamo.reset()
     explained = torch._dynamo.explain(block)(torch.randn(2, DIM, 8, 8))

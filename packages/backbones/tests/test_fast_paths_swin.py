@@ -1,67 +1,27 @@
-"""The Swin fast path (token gathers, one additive bias+mask, SDPA, fused residuals) against the straightforward
-formulation it replaced: roll + window_partition, q·kᵀ + bias + mask, softmax, window_reverse + roll."""
+"""The Swin fast path (`stm_backbones.fast.swin`: token gathers, one additive bias+mask, SDPA, fused residuals)
+against the block's plain forward (`fast_paths(False)`: roll + window_partition, q·kᵀ + bias + mask, softmax,
+window_reverse + roll), which `test_swin.py` checks against naive per-window formulas."""
 
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from bb_test_utils import check_training_step_against
 from timm.layers import DropPath
 
 import stm_backbones
-from stm_backbones.models.swin import (
-    SwinBlock,
-    WindowAttention,
-    permute_tokens,
-    shift_window_mask,
-    softmax_flush_denormals,
-    window_order,
-    window_partition,
-    window_reverse,
-)
+from stm_backbones import fast_paths
+from stm_backbones.fast import swin as fast_swin
+from stm_backbones.fast.softmax import softmax_flush_denormals
+from stm_backbones.fast.windows import permute_tokens, window_order
+from stm_backbones.models.swin import SwinBlock, window_partition, window_reverse
 
 DIM, HEADS = 16, 2
 
 
-# ----------------------------------------------------------------------------------- the original formulation
-def _reference_attention(attn: WindowAttention, x, mask):
-    windows, tokens, _ = x.shape
-    qkv = attn.qkv(x).reshape(windows, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    logits = (q * attn.scale) @ k.transpose(-2, -1)
-    logits = logits + attn.relative_position_bias().unsqueeze(0)
-    if mask is not None:
-        count = mask.shape[0]
-        logits = logits.view(windows // count, count, attn.num_heads, tokens, tokens)
-        logits = (logits + mask.unsqueeze(1).unsqueeze(0)).view(windows, attn.num_heads, tokens, tokens)
-    out = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(windows, tokens, -1)
-    return attn.proj(out)
-
-
 def _reference_forward(block: SwinBlock, x):
-    """SwinBlock.forward as it was: NCHW LN2d, pad, roll, partition, attention, reverse, roll back, crop."""
-    def norm(module, t):
-        return F.layer_norm(t.permute(0, 2, 3, 1), t.shape[1:2], module.weight, module.bias, module.eps)
-
-    y = norm(block.norm1, x)
-    height, width = y.shape[1:3]
-    window, shift = block.window_size, block.shift_size
-    pad_bottom, pad_right = (-height) % window, (-width) % window
-    y = F.pad(y, (0, 0, 0, pad_right, 0, pad_bottom))
-    padded_h, padded_w = y.shape[1:3]
-    mask = None
-    if shift:
-        mask = block.attn_mask if not block.dense else shift_window_mask(padded_h, padded_w, window, shift)
-        y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
-    y = window_reverse(_reference_attention(block.attn, window_partition(y, window), mask), window, padded_h, padded_w)
-    if shift:
-        y = torch.roll(y, shifts=(shift, shift), dims=(1, 2))
-    y = y[:, :height, :width]
-    gamma_1 = 1.0 if block.gamma_1 is None else block.gamma_1
-    gamma_2 = 1.0 if block.gamma_2 is None else block.gamma_2
-    x = x + block.drop_path((gamma_1 * y).permute(0, 3, 1, 2))
-    z = block.mlp(norm(block.norm2, x))
-    return x + block.drop_path((gamma_2 * z).permute(0, 3, 1, 2))
+    """The block's plain formulation."""
+    with fast_paths.fast_paths(False):
+        return block(x)
 
 
 def make_block(resolution, depth, dense=False, drop_path=0.0, dtype=torch.float32):
@@ -99,7 +59,6 @@ def test_training_path_and_gradients_match_reference(resolution, depth, dense, s
     check_training_step_against(block, torch.randn(2, DIM, *size), _reference_forward)
 
 
-
 @pytest.mark.parametrize("dense", [False, True])
 def test_mlp_in_row_chunks_matches_reference(dense, tiny_chunks):
     """The MLP in row chunks (what large maps get) in inference and in a training step."""
@@ -108,6 +67,7 @@ def test_mlp_in_row_chunks_matches_reference(dense, tiny_chunks):
     with torch.no_grad():
         torch.testing.assert_close(block.eval()(x), _reference_forward(block, x), atol=1e-5, rtol=1e-5)
     check_training_step_against(block.train(), x, _reference_forward)
+
 
 def test_double_precision_matches_reference_tightly():
     for training in (False, True):
@@ -189,23 +149,34 @@ def test_softmax_flush_denormals():
     assert torch.equal(softmax_flush_denormals(double), double.softmax(-1))  # e^-100 is normal in float64
 
 
+# ----------------------------------------------------------------------------------- the switch
+def test_switch_selects_the_path(monkeypatch):
+    block = make_block((14, 14), 1).eval()
+    x = torch.randn(1, DIM, 14, 14)
+    calls = []
+    monkeypatch.setattr(fast_swin, "block_forward", lambda b, t: calls.append(b) or t)
+    with torch.no_grad():
+        assert block(x) is x and calls == [block]
+        with fast_paths.fast_paths(False):
+            assert block(x) is not x and calls == [block]
+        with pytest.raises(ValueError, match="14x14"):  # the size check guards both paths
+            with fast_paths.fast_paths(False):
+                block(torch.randn(1, DIM, 7, 14))
+
+
 # ----------------------------------------------------------------------------------- models
-def _with_reference_blocks(monkeypatch):
-    monkeypatch.setattr(SwinBlock, "forward", _reference_forward)
-
-
 @pytest.mark.parametrize("name", ["unified_swin_micro", "official_swin_tiny"])
-def test_model_matches_reference_blocks(name, monkeypatch):
+def test_model_matches_reference_blocks(name):
     kwargs = dict(num_classes=7, depths=(2, 2, 2, 2)) if name == "official_swin_tiny" else dict(num_classes=7)
     model = timm.create_model(name, **kwargs).eval()
     dense = stm_backbones.create_dense_backbone("unified_swin_micro").eval()
     image, dense_image = torch.randn(2, 3, 224, 224), torch.randn(1, 3, 96, 160)
     with torch.no_grad():
         fast, fast_maps = model(image), dense(dense_image)
-        _with_reference_blocks(monkeypatch)
-        torch.testing.assert_close(fast, model(image), atol=1e-4, rtol=1e-4)
-        for a, b in zip(fast_maps, dense(dense_image)):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        with fast_paths.fast_paths(False):
+            torch.testing.assert_close(fast, model(image), atol=1e-4, rtol=1e-4)
+            for a, b in zip(fast_maps, dense(dense_image)):
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_bf16_autocast_runs_both_paths_close_to_float32():

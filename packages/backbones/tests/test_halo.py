@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import stm_backbones
+from stm_backbones.fast_paths import fast_paths
 from stm_backbones.models.halo import HaloAttn, UnifiedHaloBlock, make_divisible
 
 BS, HALO, WIN = 7, 3, 13
@@ -16,6 +17,13 @@ def randomise(module, table_std=0.5):
         for name, p in module.named_parameters():
             p.normal_(0, table_std if "_rel" in name else 0.3)
     return module
+
+
+@pytest.fixture(params=["fast", "plain"])
+def path(request):
+    """Run a test on the fast path and on the plain formulation (`fast_paths(False)`)."""
+    with fast_paths(request.param == "fast"):
+        yield request.param
 
 
 def make_block(dim=16, heads=2, dense=False, layer_scale=0.5):
@@ -92,7 +100,7 @@ def test_keys_shapes_and_head_dims():
 
 # ----------------------------------------------------------------------------------- forward math
 @pytest.mark.parametrize("dim, heads, size", [(16, 2, (14, 21)), (64, 2, (7, 7)), (8, 1, (21, 14))])
-def test_attention_matches_explicit_neighbourhoods(dim, heads, size):
+def test_attention_matches_explicit_neighbourhoods(dim, heads, size, path):
     attn = randomise(HaloAttn(dim, heads)).double()
     x = torch.randn(2, *size, dim, dtype=torch.float64)
     with torch.no_grad():
@@ -100,21 +108,21 @@ def test_attention_matches_explicit_neighbourhoods(dim, heads, size):
         torch.testing.assert_close(attn(x), expected, atol=1e-10, rtol=1e-10)
 
 
-def test_block_matches_naive_float32_and_gamma():
+def test_block_matches_naive_float32_and_gamma(path):
     block = make_block().float()
     x = torch.randn(1, 14, 14, 16)
     with torch.no_grad():
         torch.testing.assert_close(block(x), naive_block(block, x), atol=1e-5, rtol=1e-5)
 
 
-def test_block_matches_naive_double():
+def test_block_matches_naive_double(path):
     block = make_block()
     x = torch.randn(2, 7, 14, 16, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(block(x), naive_block(block, x), atol=1e-10, rtol=1e-10)
 
 
-def test_outside_keys_get_no_weight_even_with_huge_logits():
+def test_outside_keys_get_no_weight_even_with_huge_logits(path):
     """Relative logits of order 1e4 would leak weight to outside keys through a moderate additive mask
     (e.g. -1e4); the -finfo.max fill keeps them at exactly zero weight, as in the naive version."""
     attn = randomise(HaloAttn(16, 2), table_std=3000.0).double()
@@ -125,7 +133,7 @@ def test_outside_keys_get_no_weight_even_with_huge_logits():
 
 
 @pytest.mark.parametrize("size", [(10, 12), (3, 16), (14, 8)])
-def test_dense_block_pads_before_projections_and_crops_before_proj(size):
+def test_dense_block_pads_before_projections_and_crops_before_proj(size, path):
     block = make_block(dense=True)
     x = torch.randn(2, *size, 16, dtype=torch.float64)
     with torch.no_grad():
@@ -135,7 +143,7 @@ def test_dense_block_pads_before_projections_and_crops_before_proj(size):
     torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
 
 
-def test_dense_equals_classification_at_multiples_of_7():
+def test_dense_equals_classification_at_multiples_of_7(path):
     cls_block, dense_block = make_block(), make_block(dense=True)
     dense_block.load_state_dict(cls_block.state_dict())
     x = torch.randn(1, 14, 21, 16, dtype=torch.float64)
@@ -158,7 +166,7 @@ def test_layer_scale_semantics():
     assert torch.all(timm.create_model("unified_halo_micro").stages[1][0].gamma_1 == 1e-6)
 
 
-def test_mask_is_cached_off_the_state_dict_and_follows_dtype():
+def test_mask_is_cached_off_the_state_dict_and_follows_dtype(path):
     block = make_block()
     x = torch.randn(1, 14, 14, 16, dtype=torch.float64)
     with torch.no_grad():
@@ -203,3 +211,21 @@ def test_classifier_features_and_dense_backbone():
 def test_pretrained_cfg_names_the_study_file():
     cfg = timm.create_model("unified_halo_base", num_classes=0, depths=(1, 1, 1, 1)).pretrained_cfg
     assert "study_filename=unified_halonet_base.pth" in cfg["notes"]
+
+
+# ----------------------------------------------------------------------------------- family policies
+def test_position_tables_and_weight_decay_policy():
+    model = timm.create_model("unified_halo_micro", num_classes=4)
+    tables = model.position_tables()
+    assert tables == {n for n, _ in model.named_parameters() if n.endswith(("height_rel", "width_rel"))}
+    assert len(tables) == 2 * sum(model.depths) and model.no_weight_decay() == set()
+
+
+def test_adapt_checkpoint_tensor_resizes_the_tables_only():
+    target = torch.zeros(25, 8)
+    ramp = torch.linspace(-1, 1, 13)[:, None] * torch.arange(1, 9, dtype=torch.float32)
+    resized = UnifiedHaloBlock.adapt_checkpoint_tensor("attn.pos_embed.width_rel", ramp, target)
+    torch.testing.assert_close(resized, torch.linspace(-1, 1, 25)[:, None] * torch.arange(1, 9, dtype=torch.float32))
+    assert UnifiedHaloBlock.adapt_checkpoint_tensor("attn.pos_embed.height_rel", target, target) is target
+    other = torch.randn(13, 8)
+    assert UnifiedHaloBlock.adapt_checkpoint_tensor("attn.q.weight", other, target) is other

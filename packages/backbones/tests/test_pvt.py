@@ -1,4 +1,6 @@
-"""U-PVT / PVT-v2 blocks and models against naive formulas written out independently here (spec §2.3, §4, §5)."""
+"""U-PVT / PVT-v2 blocks and models against naive formulas written out independently here (spec §2.3, §4, §5).
+
+The forward-math tests run both the blocks' plain formulation and their fast path (`paths` fixture)."""
 
 import math
 
@@ -6,9 +8,18 @@ import pytest
 import timm
 import torch
 
+import stm_backbones
+from stm_backbones import fast_paths
 from stm_backbones.models.pvt import OverlapPatchEmbed, PvtBlock, PvtV2Block
 
 DIM, HEADS = 8, 2
+
+
+@pytest.fixture(params=[True, False], ids=["fast", "plain"])
+def paths(request):
+    """Runs the test with the blocks' fast paths on, then off (the plain formulation)."""
+    with fast_paths.fast_paths(request.param):
+        yield request.param
 
 
 def randomise(module, std=0.3):
@@ -122,7 +133,7 @@ def naive_pvt_block(block, x, dense):
 
 # ----------------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("sr", [1, 2, 4])
-def test_sra_matches_naive_attention(sr):
+def test_sra_matches_naive_attention(sr, paths):
     block = make_block(sr=sr)
     y = torch.randn(2, 64, DIM, dtype=torch.float64)
     torch.testing.assert_close(block.attn(y, 8, 8), naive_sra(block.attn, y, 8, 8), rtol=1e-10, atol=1e-10)
@@ -136,7 +147,7 @@ def test_sra_keys_only_when_reducing():
 
 
 @pytest.mark.parametrize("depth", [0, 1])
-def test_classification_block_matches_naive(depth):
+def test_classification_block_matches_naive(depth, paths):
     block = make_block(depth=depth, resolution=(8, 4))
     assert (block.pos_embed is not None) == (depth == 0)
     if depth == 0:
@@ -145,7 +156,7 @@ def test_classification_block_matches_naive(depth):
     torch.testing.assert_close(block(x), naive_pvt_block(block, x, dense=False), rtol=1e-10, atol=1e-10)
 
 
-def test_classification_pos_embed_is_inside_the_residual():
+def test_classification_pos_embed_is_inside_the_residual(paths):
     """With both branches switched off the block returns x + pos_embed (the residual carries it)."""
     block = make_block(layer_scale=0.5)
     with torch.no_grad():
@@ -155,19 +166,19 @@ def test_classification_pos_embed_is_inside_the_residual():
     torch.testing.assert_close(block(x), x + block.pos_embed, rtol=0, atol=1e-12)
 
 
-def test_classification_block_rejects_other_resolution():
+def test_classification_block_rejects_other_resolution(paths):
     with pytest.raises(ValueError, match="8x8"):
         make_block(resolution=(8, 8))(torch.randn(1, DIM, 4, 8, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("size", [(8, 8), (4, 6), (12, 8)])
-def test_dense_block_matches_naive(size):
+def test_dense_block_matches_naive(size, paths):
     block = make_block(dense=True, resolution=(8, 8))
     x = torch.randn(2, DIM, *size, dtype=torch.float64)
     torch.testing.assert_close(block(x), naive_pvt_block(block, x, dense=True), rtol=1e-10, atol=1e-10)
 
 
-def test_dense_residual_excludes_pos_embed():
+def test_dense_residual_excludes_pos_embed(paths):
     block = make_block(dense=True)
     with torch.no_grad():
         block.gamma_1.zero_()
@@ -215,7 +226,7 @@ def test_pvt_v2_mlp_has_dwconv_between_fc1_and_gelu():
 
 
 @pytest.mark.parametrize("size", [(8, 8), (6, 10)])
-def test_pvt_v2_block_matches_naive(size):
+def test_pvt_v2_block_matches_naive(size, paths):
     block = make_block(PvtV2Block)
     assert block.pos_embed is None and not any("pos_embed" in k for k in block.state_dict())
     height, width = size
@@ -264,3 +275,38 @@ def test_pos_embed_resized_on_load():
         target = large.stages[i][0].pos_embed.detach().double()
         expected = naive_bilinear_align_corners(source, *target.shape[-2:])
         torch.testing.assert_close(target, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_input_size_errors():
+    assert PvtBlock.input_size_error(224, 224, (224, 224), False) is None
+    message = PvtBlock.input_size_error(256, 320, (224, 224), False)
+    assert "built for 224x224 inputs" in message and "img_size=(256, 320)" in message
+    assert "multiples of 32" in PvtBlock.input_size_error(100, 100, (224, 224), False)
+    assert PvtBlock.input_size_error(96, 160, (224, 224), True) is None  # dense: the pos-embed is resized
+    for block in (PvtBlock, PvtV2Block):  # a 16x16 input gives a 4x4 stage 0, smaller than its ratio 8
+        assert "spatial-reduction ratios" in block.input_size_error(16, 16, (16, 16), True)
+
+
+def test_family_policies():
+    model = timm.create_model("unified_pvt_micro", num_classes=0)
+    assert model.position_tables() == {f"stages.{i}.0.pos_embed" for i in range(4)}
+    assert model.no_weight_decay() == set()
+    v2 = timm.create_model("unified_pvt_v2_micro", num_classes=0)
+    assert v2.position_tables() == set() and PvtV2Block.derived_buffers == ()
+    plane = torch.arange(6.0).view(1, 1, 2, 3)  # affine in (y, x): bilinear with aligned corners keeps it
+    resized = PvtBlock.adapt_checkpoint_tensor("pos_embed", plane, torch.zeros(1, 1, 3, 5))
+    expected = 3 * torch.linspace(0, 1, 3)[:, None] + 2 * torch.linspace(0, 1, 5)
+    torch.testing.assert_close(resized, expected[None, None])
+    other = torch.randn(2, 2)
+    assert PvtBlock.adapt_checkpoint_tensor("attn.q.weight", other, torch.zeros(3, 3)) is other
+    assert PvtV2Block.adapt_checkpoint_tensor("pos_embed", plane, torch.zeros(1, 1, 3, 5)) is plane
+
+
+def test_registered_families():
+    pvt, v2 = stm_backbones.get_family("pvt"), stm_backbones.get_family("pvt_v2")
+    assert pvt.study and not v2.study and pvt.block_type is PvtBlock and v2.block_type is PvtV2Block
+    assert pvt.models() == [f"unified_pvt_{s}" for s in ("micro", "tiny", "small", "base")]
+    assert v2.model_args("tiny")["depths"] == (3, 3, 9, 3) and pvt.model_args("tiny")["depths"] == (3, 4, 9, 3)
+    with torch.device("meta"):
+        cfg = timm.create_model("unified_pvt_v2_micro").pretrained_cfg
+    assert not cfg.get("fixed_input_size") and not cfg.get("notes")

@@ -1,4 +1,6 @@
-"""U-Swin block and models against naive per-window formulas written out independently here (spec §2.4, §5)."""
+"""U-Swin block and models against naive per-window formulas written out independently here (spec §2.4, §5).
+
+The forward-math tests run both the block's plain formulation and its fast path (`paths` fixture)."""
 
 import pytest
 import timm
@@ -6,9 +8,17 @@ import torch
 import torch.nn.functional as F
 
 import stm_backbones
+from stm_backbones import fast_paths
 from stm_backbones.models.swin import PatchMerging, SwinBlock
 
 DIM, HEADS = 16, 2
+
+
+@pytest.fixture(params=[True, False], ids=["fast", "plain"])
+def paths(request):
+    """Runs the test with the blocks' fast paths on, then off (the plain formulation)."""
+    with fast_paths.fast_paths(request.param):
+        yield request.param
 
 
 def make_block(resolution, depth, dense=False, layer_scale=0.5, dim=DIM, heads=HEADS):
@@ -142,7 +152,7 @@ def test_dense_geometry_is_window_7_shift_3_everywhere(resolution):
 
 # ----------------------------------------------------------------------------------- forward math
 @pytest.mark.parametrize("resolution, depth", [((14, 14), 1), ((14, 21), 1), ((14, 14), 0), ((7, 7), 1), ((4, 4), 1)])
-def test_classification_block_matches_naive_windows(resolution, depth):
+def test_classification_block_matches_naive_windows(resolution, depth, paths):
     block = make_block(resolution, depth)
     x = torch.randn(2, DIM, *resolution, dtype=torch.float64)
     with torch.no_grad():
@@ -151,7 +161,7 @@ def test_classification_block_matches_naive_windows(resolution, depth):
 
 
 @pytest.mark.parametrize("dense", [False, True])
-def test_mask_value_minus_100_is_visible_in_the_output(dense):
+def test_mask_value_minus_100_is_visible_in_the_output(dense, paths):
     """With q = 0 the logits are bias + mask; a bias spread of ~±100 makes -100 distinguishable from -inf."""
     block = make_block((14, 14), 1, dense=dense)
     with torch.no_grad():
@@ -163,7 +173,7 @@ def test_mask_value_minus_100_is_visible_in_the_output(dense):
         torch.testing.assert_close(block(x), naive_block(block, x, 7, 3), atol=1e-10, rtol=1e-10)
 
 
-def test_float32_block_matches_naive():
+def test_float32_block_matches_naive(paths):
     block = make_block((14, 14), 1).float()
     x = torch.randn(1, DIM, 14, 14) * 1e-3  # a tiny variance makes the LayerNorm eps (1e-6) matter
     with torch.no_grad():
@@ -174,7 +184,7 @@ def test_float32_block_matches_naive():
 
 
 @pytest.mark.parametrize("size, depth", [((10, 12), 1), ((5, 9), 1), ((10, 12), 0), ((3, 16), 3)])
-def test_dense_block_pads_then_crops(size, depth):
+def test_dense_block_pads_then_crops(size, depth, paths):
     block = make_block((56, 56), depth, dense=True)  # the nominal resolution does not matter in dense mode
     x = torch.randn(2, DIM, *size, dtype=torch.float64)
     with torch.no_grad():
@@ -191,7 +201,7 @@ def test_dense_block_pads_then_crops(size, depth):
     ((7, 7), 1, False),  # classification does not shift a 7x7 map; detection does
     ((4, 4), 0, False),  # classification shrinks the window to 4; detection keeps 7 (different tables)
 ])
-def test_dense_and_classification_agree_only_where_the_rules_coincide(resolution, depth, same):
+def test_dense_and_classification_agree_only_where_the_rules_coincide(resolution, depth, same, paths):
     cls_block = make_block(resolution, depth)
     dense_block = make_block(resolution, depth, dense=True)
     x = torch.randn(1, DIM, *resolution, dtype=torch.float64)
@@ -265,10 +275,27 @@ def test_features_and_dense_backbone_shapes():
         assert all(torch.isfinite(m).all() for m in maps)
 
 
-def test_no_weight_decay_lists_bias_tables():
+def test_no_weight_decay_and_position_tables_are_the_bias_tables():
     model = timm.create_model("unified_swin_micro", num_classes=0)
     names = model.no_weight_decay()
-    assert "stages.0.0.attn.relative_position_bias_table" in names and len(names) == 1 + 15
+    assert "stages.0.0.attn.relative_position_bias_table" in names and len(names) == 15  # one per block
+    assert all(n.endswith(".attn.relative_position_bias_table") for n in names)
+    assert model.position_tables() == names
+
+
+def test_checkpoint_policies():
+    """Index and mask buffers are derived from the geometry; tables of another window size are interpolated."""
+    model = timm.create_model("unified_swin_micro", num_classes=0)
+    derived = [k for k in model.state_dict() if k.endswith(("relative_position_index", "attn_mask"))]
+    assert derived and all(k.split(".", 3)[3] in SwinBlock.derived_buffers for k in derived)
+    target = torch.zeros(169, 2)
+    constant = torch.tensor([1.5, -2.0]).repeat(625, 1)  # a 25x25 table (window 13), constant per head
+    resized = SwinBlock.adapt_checkpoint_tensor("attn.relative_position_bias_table", constant, target)
+    torch.testing.assert_close(resized, torch.tensor([1.5, -2.0]).repeat(169, 1))  # bicubic keeps constants
+    other = torch.randn(4, 4)
+    assert SwinBlock.adapt_checkpoint_tensor("attn.qkv.weight", other, torch.zeros(4, 4)) is other
+    with pytest.raises(stm_backbones.CheckpointMismatchError, match="3 heads"):
+        SwinBlock.adapt_checkpoint_tensor("attn.relative_position_bias_table", torch.zeros(169, 3), target)
 
 
 def test_pretrained_cfg():

@@ -1,15 +1,21 @@
-"""Python side of the compiled op: loading, fake (meta) kernels, autograd, the public wrapper."""
+"""Python side of the compiled op: loading, fake (meta) kernels, autograd, the public wrapper and its
+one fallback (the pure-PyTorch reference, with one warning per reason)."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
-from .reference import check_tensor_args, ms_deform_attn_reference
+from .reference import check_tensor_args, grid_sample_msda, level_sizes, ms_deform_attn_reference
 
-__all__ = ["build_info", "has_compiled_op", "ms_deform_attn"]
+__all__ = ["BUILD_COMMAND", "build_info", "has_compiled_op", "ms_deform_attn", "use_reference"]
+
+# How to build the extension (from the repository root); the one build hint of the fallback warning.
+BUILD_COMMAND = "nox -s build_ops"
 
 try:  # Loading the library runs its TORCH_LIBRARY registrations (torch.ops.stm_cuda_ops.*).
     from . import _C  # noqa: F401
@@ -25,6 +31,7 @@ except ImportError as exc:  # not built (no compiler), or built against another 
 
 _HAS_OP = _C is not None
 _warned: set[str] = set()
+_state = {"use_reference": False}
 
 
 def has_compiled_op() -> bool:
@@ -57,11 +64,55 @@ def _fallback_warning(device_type: str) -> None:
         reason = f"the extension has no kernel for {device_type!r} tensors (build_info(): {build_info()})"
     warnings.warn(
         f"stm_cuda_ops: {reason}; ms_deform_attn falls back to the (slower, more memory hungry) "
-        "pure-PyTorch reference. Build it with `pip install --no-build-isolation -e packages/cuda_ops` "
-        "(FORCE_CUDA=1 for the CUDA kernels).",
+        f"pure-PyTorch reference. Build the op with `{BUILD_COMMAND}`.",
         RuntimeWarning,
         stacklevel=3,
     )
+
+
+@contextlib.contextmanager
+def use_reference(enabled: bool = True) -> Iterator[None]:
+    """``with use_reference(): ...`` runs ``ms_deform_attn`` as the pure-PyTorch reference even where the
+    compiled kernels exist, without a warning: to export the grid_sample formulation (ONNX GridSample,
+    a ``torch.export`` program that runs without this extension), or to test the fallback path."""
+    previous = _state["use_reference"]
+    _state["use_reference"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _state["use_reference"] = previous
+
+
+class _TracedReference(torch.autograd.Function):
+    """The reference as one opaque node for ``torch.jit.trace``, as the compiled op appears there.
+
+    fvcore's FLOP counter traces with torch.jit: it then sees the sampling as one operator whichever
+    implementation runs, rather than grid_sampler and the weighting. The backward recomputes the forward
+    with autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, value, sampling_locations, attention_weights, sizes):
+        ctx.save_for_backward(value, sampling_locations, attention_weights)
+        ctx.sizes = sizes
+        return grid_sample_msda(value, sizes, sampling_locations, attention_weights)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        inputs = [t.detach().requires_grad_() for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            out = grid_sample_msda(inputs[0], ctx.sizes, inputs[1], inputs[2])
+        grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+        return (*grads, None)
+
+
+def _reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step,
+               static_shapes):
+    if torch.jit.is_tracing():
+        sizes = level_sizes(spatial_shapes if static_shapes is None else static_shapes)
+        return _TracedReference.apply(value, sampling_locations, attention_weights, sizes)
+    return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations,
+                                    attention_weights, im2col_step, static_shapes=static_shapes)
 
 
 def ms_deform_attn(
@@ -71,6 +122,8 @@ def ms_deform_attn(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
     im2col_step: int = 64,
+    *,
+    static_shapes: Sequence[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """Multi-scale deformable attention.
 
@@ -83,6 +136,8 @@ def ms_deform_attn(
         attention_weights: (N, Lq, M, L, P), same dtype as value.
         im2col_step: batch partition of the original CUDA implementation; any positive value
             works for any batch size and does not change the result.
+        static_shapes: optional spatial_shapes as Python int pairs, for the pure-PyTorch path (it
+            then never reads the tensor back from the device); the compiled kernels ignore it.
 
     Returns:
         (N, Lq, M * D) in value's dtype (float32 under autocast). Differentiable with respect to
@@ -94,12 +149,13 @@ def ms_deform_attn(
         RuntimeError: invalid shapes, dtypes, devices or level geometry (named in the message).
     """
     check_tensor_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if _state["use_reference"]:
+        return _reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                          im2col_step, static_shapes)
     if not _HAS_OP or value.device.type not in _COMPILED_DEVICES:
         _fallback_warning(value.device.type)
-        return ms_deform_attn_reference(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-            im2col_step,
-        )
+        return _reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                          im2col_step, static_shapes)
     return torch.ops.stm_cuda_ops.ms_deform_attn_forward(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
         int(im2col_step),

@@ -1,7 +1,9 @@
 """Pure-PyTorch multi-scale deformable attention (grid_sample formulation).
 
-Used as the fallback when the compiled extension is missing and as the test oracle. Differentiable
-by autograd in all three floating inputs, runs on any device, supports any batch size.
+The one pure-PyTorch implementation of the op: the fallback of ``ms_deform_attn`` when the compiled
+extension is missing (and inside ``use_reference()``, e.g. for an ONNX export, where it becomes
+GridSample), and the test oracle. Differentiable by autograd in all three floating inputs, runs on any
+device, supports any batch size.
 
 Non-finite sampling locations (NaN, +-inf) count as out of range, exactly as in the compiled
 kernels (whose strict range test fails for them): zero contribution, zero gradient. grid_sample
@@ -10,10 +12,12 @@ alone would return NaN for them, so results would depend on whether the extensio
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ms_deform_attn_reference"]
+__all__ = ["check_tensor_args", "grid_sample_msda", "level_sizes", "ms_deform_attn_reference"]
 
 _TENSOR_ARGS = ("value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights")
 
@@ -35,6 +39,8 @@ def ms_deform_attn_reference(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
     im2col_step: int = 64,
+    *,
+    static_shapes: Sequence[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """Multi-scale deformable attention computed level by level with ``F.grid_sample``.
 
@@ -46,6 +52,9 @@ def ms_deform_attn_reference(
             of the first pixel, so pixel centres sit at (i + 0.5) / size.
         attention_weights: (N, Lq, M, L, P).
         im2col_step: accepted for API compatibility; has no effect.
+        static_shapes: optional ``spatial_shapes`` as Python int pairs ((H_0, W_0), ...). The tensor is
+            then never read back: no device synchronisation, and nothing data-dependent for
+            ``torch.export`` / ``torch.compile`` to trace. Must describe the same levels.
 
     Returns:
         (N, Lq, M * D); channel m * D + d belongs to head m. Samples with a NaN or infinite
@@ -53,9 +62,25 @@ def ms_deform_attn_reference(
     """
     check_tensor_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     del level_start_index, im2col_step
+    return grid_sample_msda(value, level_sizes(spatial_shapes if static_shapes is None else static_shapes),
+                            sampling_locations, attention_weights)
+
+
+def level_sizes(spatial_shapes) -> list[tuple[int, int]]:
+    """[(H_l, W_l), ...] as Python ints from an (L, 2) tensor (read back to the host) or int pairs."""
+    if isinstance(spatial_shapes, torch.Tensor):
+        spatial_shapes = spatial_shapes.tolist()
+    return [(int(h), int(w)) for h, w in spatial_shapes]
+
+
+def grid_sample_msda(value: torch.Tensor, sizes: Sequence[tuple[int, int]], sampling_locations: torch.Tensor,
+                     attention_weights: torch.Tensor) -> torch.Tensor:
+    """The computation of ``ms_deform_attn_reference`` with the level sizes as Python ints."""
     n, _, m, d = value.shape
     _, lq, _, num_levels, p, _ = sampling_locations.shape
-    sizes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    if len(sizes) != num_levels:
+        raise RuntimeError(f"ms_deform_attn: spatial_shapes has {len(sizes)} levels but sampling_locations "
+                           f"has L = {num_levels} (shape {tuple(sampling_locations.shape)})")
     chunks = value.split([h * w for h, w in sizes], dim=1)
     # grid_sample works in [-1, 1] with align_corners=False: g = 2 * loc - 1 maps to the pixel
     # coordinate loc * size - 0.5, zero padding outside. A sample is in range only for

@@ -25,8 +25,7 @@ def ops():
         msg = f"stm_cuda_ops compiled extension not loaded: {stm_cuda_ops.build_info().get('error')}"
         if ALLOW_NO_EXT:
             pytest.skip(msg + " (STM_ALLOW_NO_EXT=1)")
-        pytest.fail(msg + " -- build it with `pip install --no-build-isolation -e packages/cuda_ops` "
-                    "or set STM_ALLOW_NO_EXT=1")
+        pytest.fail(msg + f" -- build it with `{stm_cuda_ops.BUILD_COMMAND}` or set STM_ALLOW_NO_EXT=1")
     return torch.ops.stm_cuda_ops
 
 
@@ -49,8 +48,9 @@ EMULATION_CACHE = Path(os.environ.get("STM_CACHE", Path.home() / ".cache" / "stm
 
 
 def build_emulated_ops():
-    """Compile csrc/ms_deform_attn_cuda.cu as host C++ against the CUDA emulation (tests/emulation)
-    and load it as torch.ops.stm_cuda_ops_emulated.
+    """Compile csrc/cuda/ms_deform_attn_cuda.cu as host C++ against the CUDA emulation (tests/emulation),
+    with the host code that launches it on a GPU (csrc/ms_deform_attn_validate.cpp,
+    csrc/cuda/ms_deform_attn_cuda_launch.cpp), and load it as torch.ops.stm_cuda_ops_emulated.
 
     A separate library, built here and never by setup.py, so the normal build is unchanged. Cached
     under ${STM_CACHE:-~/.cache/stm}/torch_extensions (outside the clone); ninja's dependency files
@@ -65,7 +65,8 @@ def build_emulated_ops():
     build_dir.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name="stm_cuda_ops_emulated",
-        sources=[str(EMULATION_DIR / "emulated_op.cpp"), str(EMULATION_DIR / "emulated_kernels.cpp")],
+        sources=[str(EMULATION_DIR / "emulated_op.cpp"), str(EMULATION_DIR / "emulated_kernels.cpp"),
+                 str(CSRC_DIR / "ms_deform_attn_validate.cpp"), str(CSRC_DIR / "cuda" / "ms_deform_attn_cuda_launch.cpp")],
         extra_include_paths=[str(EMULATION_DIR / "include"), str(CSRC_DIR)],
         extra_cflags=["-O2", "-ffp-contract=off", "-DSTM_CUDA_EMULATION", "-fvisibility=hidden"],
         build_directory=str(build_dir),

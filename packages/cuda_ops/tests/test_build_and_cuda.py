@@ -60,6 +60,7 @@ def test_fallback_without_extension():
             stm_cuda_ops.ms_deform_attn(v, shapes, starts, loc, a)
         hits = [w for w in caught if "falls back" in str(w.message)]
         assert len(hits) == 1, [str(w.message) for w in caught]
+        assert "nox -s build_ops" in str(hits[0].message), str(hits[0].message)
         assert torch.equal(out, stm_cuda_ops.ms_deform_attn_reference(v, shapes, starts, loc, a))
         print("fallback ok")
         """

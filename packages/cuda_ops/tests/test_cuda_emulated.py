@@ -1,8 +1,8 @@
-"""The CUDA kernels, run on the CPU: csrc/ms_deform_attn_cuda.cu compiled unchanged as host C++
+"""The CUDA kernels, run on the CPU: csrc/cuda/ms_deform_attn_cuda.cu compiled unchanged as host C++
 against the CUDA emulation in tests/emulation (fibers for the threads of a block, lockstep warp
 shuffles, atomics, the driver's launch-configuration checks), launched through the same host code
-as on a GPU (csrc/op_glue.h: validation, float32 accumulation buffers, dtype dispatch; the .cu's
-grid/block sizing and lane groups).
+as on a GPU (csrc/ms_deform_attn_validate.cpp: validation; csrc/cuda/ms_deform_attn_cuda_launch.cpp:
+float32 accumulation buffers, dtype dispatch; the .cu's grid/block sizing and lane groups).
 
 Tested like the CPU kernel: against the float64 reference (forward and all three gradients), the
 spec formula, gradcheck, a fuzz, odd sizes and reduced precision. `pytest -k emulated` selects
@@ -205,7 +205,7 @@ def test_emulated_out_of_range_and_nonfinite(emulated, make_inputs):
 
 
 def test_emulated_validation_and_empty(emulated, make_inputs):
-    """The validation is the one the CUDA ops run (op_glue.h); empty batches launch nothing."""
+    """The validation is the one the CUDA ops run (ms_deform_attn_validate.cpp); empty batches launch nothing."""
     value, shapes, starts, loc, attn = make_inputs(N=2, Lq=3, M=2, D=4, shapes=((4, 5), (3, 2)), P=2)
     with pytest.raises(RuntimeError, match=r"sum of H\*W over levels is 26 but value has S = 27"):
         emulated.ms_deform_attn_forward(torch.cat([value, value[:, :1]], 1), shapes, starts, loc, attn, 64)
@@ -239,8 +239,8 @@ def test_emulated_harness_reports_broken_kernels(emulated, name, message):
 def test_kernels_share_bilinear_header():
     """The CPU and CUDA kernels take the footprint, weights, bounds and per-sample gradients from
     one header (so the CPU tests exercise the GPU's arithmetic); neither keeps a private copy."""
-    cu = (CSRC / "ms_deform_attn_cuda.cu").read_text()
-    cpu = (CSRC / "cpu_kernel_impl.h").read_text()
+    cu = (CSRC / "cuda" / "ms_deform_attn_cuda.cu").read_text()
+    cpu = (CSRC / "cpu" / "cpu_kernel_impl.h").read_text()
     for text in (cu, cpu):
         assert '#include "bilinear.h"' in text
         for fn in ("footprint", "corner_weights", "corners", "sample_grads"):

@@ -4,6 +4,8 @@ opcheck, autocast), input validation and a hypothesis fuzz over shapes."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -350,6 +352,57 @@ def test_numpy_input_is_a_type_error_naming_the_argument(make_inputs, fn, positi
     with pytest.raises(TypeError, match=rf"ms_deform_attn: {name} must be a torch.Tensor, got numpy.ndarray "
                                         r"\(convert it with torch.from_numpy"):
         fn(*inputs)
+
+
+# ------------------------------------------------------------------------------------------------
+# The pure-PyTorch path: use_reference(), static shapes, jit tracing
+
+
+def test_use_reference_runs_the_reference_without_a_warning(make_inputs, recwarn):
+    """Inside use_reference() the op is exactly the reference (also where the kernels are built), silently;
+    the setting is restored on exit, also after an error."""
+    inputs = make_inputs(N=2, Lq=3, M=2, D=4, seed=5)
+    with stm_cuda_ops.use_reference():
+        got = grads(ms_deform_attn, inputs)
+        with stm_cuda_ops.use_reference(False):
+            assert stm_cuda_ops._ops._state["use_reference"] is False
+    want = grads(ms_deform_attn_reference, inputs)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    assert not [w for w in recwarn.list if "stm_cuda_ops" in str(w.message)]
+    with pytest.raises(RuntimeError, match="boom"), stm_cuda_ops.use_reference():
+        raise RuntimeError("boom")
+    assert stm_cuda_ops._ops._state["use_reference"] is False
+
+
+def test_static_shapes_are_used_instead_of_the_tensor(make_inputs):
+    """With static_shapes the reference never reads spatial_shapes (here on the meta device, where reading
+    it fails), and computes the same thing."""
+    value, shapes, starts, loc, attn = make_inputs(N=2, Lq=3, M=2, D=4, seed=6)
+    want = ms_deform_attn_reference(value, shapes, starts, loc, attn)
+    static = [tuple(row) for row in shapes.tolist()]
+    got = ms_deform_attn_reference(value, shapes.to("meta"), starts, loc, attn, static_shapes=static)
+    assert torch.equal(got, want)
+    with stm_cuda_ops.use_reference():
+        assert torch.equal(ms_deform_attn(value, shapes.to("meta"), starts, loc, attn, static_shapes=static), want)
+    with pytest.raises(RuntimeError, match="spatial_shapes has 2 levels but sampling_locations has L = 3"):
+        ms_deform_attn_reference(value, shapes, starts, loc, attn, static_shapes=static[:2])
+
+
+def test_reference_is_one_opaque_node_under_jit_trace(make_inputs):
+    """torch.jit.trace (fvcore's FLOP counter) records the reference as one node, as it records the
+    compiled op, with the reference's output and gradients."""
+    value, shapes, starts, loc, attn = make_inputs(N=2, Lq=3, M=2, D=4, seed=7)
+    with stm_cuda_ops.use_reference(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace is deprecated (fvcore still uses it)
+        traced = torch.jit.trace(lambda v, lo, a: ms_deform_attn(v, shapes, starts, lo, a), (value, loc, attn),
+                                 check_trace=False)
+    kinds = [node.kind() for node in traced.inlined_graph.nodes()]
+    assert "prim::PythonOp" in kinds and "aten::grid_sampler" not in kinds
+    got = grads(lambda v, _s, _t, lo, a: traced(v, lo, a), (value, shapes, starts, loc, attn))
+    want = grads(ms_deform_attn_reference, (value, shapes, starts, loc, attn))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **F64)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -31,10 +31,16 @@ from pathlib import Path
 APP_DIR = Path(__file__).resolve().parents[2]
 MAIN_PY = APP_DIR / "main.py"
 ANALYZE_PY = APP_DIR / "analyze.py"
-DEFAULT_MODELS = [f"unified_{m}_micro" for m in ("halo", "pvt", "swin", "convnext", "dcn_v3")]
 ANALYSES = ("invariance", "erf", "robustness", "cost")
 LAUNCHERS = ("local", "torchrun", "slurm", "submitit_local")
 ACC_RE = re.compile(r"^\* Acc@1 ([0-9.]+) Acc@5 ([0-9.]+) loss ([0-9.naninf]+) \((\d+) images", re.M)
+
+
+def default_models() -> list[str]:
+    """The smallest model of each of the study's mixers, from the registry (the five micro models)."""
+    import stm_backbones
+
+    return [family.smallest for family in stm_backbones.list_families(study=True)]
 
 
 class StudyError(ValueError):
@@ -219,20 +225,20 @@ def model_input_size(cfg: StudyConfig, model: str) -> int:
     size = default_input_size(cfg)
     import timm
 
+    from ..models import STUDY_PREFIXES, input_size_error, sizes_that_work
+
     with contextlib.suppress(ImportError):
         import stm_backbones  # noqa: F401
-    kwargs = {"img_size": size} if model.startswith(("unified_", "official_")) else {}
+    kwargs = {"img_size": size} if model.startswith(STUDY_PREFIXES) else {}
     try:
         net = timm.create_model(model, pretrained=False, **kwargs)
     except Exception:  # noqa: BLE001 - the training itself reports what is wrong with the model
         return size
-    rule = getattr(getattr(net, "block_type", None), "input_size_error", None)
-    if rule is None or not rule(size, size, size, False):
+    if input_size_error(net, size) is None:
         return size
-    for candidate in range(size + 1, 8 * size + 4096):
-        if candidate % 32 == 0 and not rule(candidate, candidate, candidate, False):
-            print(f"[study] {model} cannot take {size} px inputs; it trains and is analysed at {candidate} px")
-            return candidate
+    for candidate in sizes_that_work(net, size, count=1, larger_only=True, multiple_of=32):
+        print(f"[study] {model} cannot take {size} px inputs; it trains and is analysed at {candidate} px")
+        return candidate
     return size
 
 

@@ -87,9 +87,11 @@ dataloader.evaluator = L(lazy_evaluator)(
     max_dets_per_image=100,
 )
 
-# ---- optimizer: AdamW 1e-4, wd 0.05, no decay on norms / position embeddings / relative tables ------
+# ---- optimizer: AdamW 1e-4, wd 0.05, no decay on norms and on the mixer family's position tables -----
+# (the study's mmdet list exactly: no_decay_keys=list(STUDY_MMDET_NO_DECAY_KEYS), no_decay_position_tables=False)
 optimizer = L(AdamW)(
-    params=L(adamw_param_groups)(model=None, weight_decay=0.05, no_decay_keys=list(DEFAULT_NO_DECAY_KEYS)),
+    params=L(adamw_param_groups)(model=None, weight_decay=0.05, no_decay_keys=list(DEFAULT_NO_DECAY_KEYS),
+                                 no_decay_position_tables=True),
     lr=1e-4,
     betas=(0.9, 0.999),
     eps=1e-8,

@@ -1,10 +1,6 @@
-"""One module per model family; importing them registers the models with timm."""
+"""One module per model family; importing them registers the models with timm.
 
-# (each family module adds its import line below)
-from . import (  # noqa: F401  # noqa: F401
-    convnext,  # noqa: F401
-    dcn_v3,
-    halo,
-    pvt,
-    swin,
-)
+The import order is the registration order of `stm_backbones.list_families()`: the study's order.
+"""
+
+from . import halo, pvt, swin, convnext, dcn_v3  # noqa: F401, I001

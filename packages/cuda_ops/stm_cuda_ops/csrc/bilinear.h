@@ -1,5 +1,5 @@
 // The bilinear sampling arithmetic of multi-scale deformable attention, shared by the CPU kernels
-// (cpu_kernel_impl.h) and the CUDA kernels (ms_deform_attn_cuda.cu).
+// (cpu/cpu_kernel_impl.h) and the CUDA kernels (cuda/ms_deform_attn_cuda.cu).
 //
 // One definition of the footprint (range test, integer corner, fractional offsets), the corner
 // weights, the corner bounds and the per-sample gradients, so that the CPU test suite (opcheck,

@@ -3,7 +3,7 @@
 // toolkit headers). Built by the tests (emulated.py), never by setup.py.
 #include "stm_cuda_emulation.h"
 
-#include "ms_deform_attn_cuda.cu"
+#include "cuda/ms_deform_attn_cuda.cu"
 
 namespace stm_emu {
 

@@ -1,7 +1,8 @@
 // Torch glue of the emulated CUDA kernels: the ops stm_cuda_ops_emulated::ms_deform_attn_forward /
 // ms_deform_attn_backward take CPU tensors and run them through the same validation and launch
-// code as the real CUDA ops (csrc/op_glue.h), with the kernels of csrc/ms_deform_attn_cuda.cu
-// executed by the emulation (emulated_kernels.cpp). Loaded by the tests with torch.ops.load_library.
+// code as the real CUDA ops (csrc/ms_deform_attn_validate.cpp, csrc/cuda/ms_deform_attn_cuda_launch.cpp,
+// compiled into this library too), with the kernels of csrc/cuda/ms_deform_attn_cuda.cu executed by
+// the emulation (emulated_kernels.cpp). Built and loaded by the tests (conftest.py).
 #include <torch/library.h>
 
 #include <cstdint>
@@ -9,7 +10,8 @@
 #include <string>
 #include <vector>
 
-#include "op_glue.h"
+#include "cuda/ms_deform_attn_cuda_launch.h"
+#include "ms_deform_attn_validate.h"
 
 // The emulation's controls, defined in the kernel translation unit (emulated_kernels.cpp); declared
 // here rather than in a shared header to keep the torch headers and the CUDA stand-ins apart.

@@ -1,5 +1,5 @@
 // A small CPU emulation of the CUDA programming model, enough to run stm_cuda_ops' CUDA kernels
-// (csrc/ms_deform_attn_cuda.cu) unchanged as host C++ inside the test suite.
+// (csrc/cuda/ms_deform_attn_cuda.cu) unchanged as host C++ inside the test suite.
 //
 // What it provides: the qualifiers (__global__, __device__, ...), dim3 and the built-in indices
 // (blockIdx, threadIdx, blockDim, gridDim), a kernel launcher behind STM_LAUNCH (the .cu uses it in

@@ -2,7 +2,7 @@
 //
 // No torch headers here on purpose: the kernel translation units include only this header and the
 // standard library, so they compile in a second, and each one can be built for a different
-// instruction set (see cpu_kernel_*.cpp). The torch glue (ms_deform_attn.cpp) owns threading,
+// instruction set (see cpu_kernel_*.cpp). The torch glue (ms_deform_attn_cpu.cpp) owns threading,
 // allocation and validation and calls these functions on disjoint pieces of work.
 #pragma once
 

@@ -2,7 +2,8 @@
 //
 // Deliberately free of torch and CUDA headers: ms_deform_attn_cuda.cu includes only this file and
 // the CUDA toolkit headers (it compiles several times faster without the ATen headers), and the
-// torch glue (ms_deform_attn.cpp) does all the at::Tensor work: validation, allocation, streams.
+// torch glue (ms_deform_attn_cuda_launch.cpp, ms_deform_attn_cuda_glue.cpp) does all the at::Tensor
+// work: validation, allocation, streams.
 // All pointers are device pointers to contiguous memory; the launchers return 0 on success or
 // a cudaError_t value (see error_string).
 #pragma once

@@ -1,44 +1,14 @@
-// Input validation of multi-scale deformable attention and the torch side of the CUDA launchers.
-//
-// Shared by the extension (ms_deform_attn.cpp) and the CPU emulation of the CUDA kernels that the
-// test suite builds (tests/emulation/emulated_op.cpp), so that the emulated kernels are launched
-// through exactly the host code a GPU runs: the same validation, accumulation buffers, dtype
-// mapping and error reporting. The CUDA part needs cuda_kernels.h (the launchers), which both
-// builds provide; it is compiled when STM_WITH_CUDA or STM_CUDA_EMULATION is defined.
-#pragma once
+// Argument checks of multi-scale deformable attention (see ms_deform_attn_validate.h).
+#include "ms_deform_attn_validate.h"
 
-#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 
-#include <tuple>
+#include <cstdint>
 #include <utility>
 #include <vector>
 
-#include "cpu_kernels.h"
-
-#if defined(STM_WITH_CUDA) || defined(STM_CUDA_EMULATION)
-#include "cuda_kernels.h"
-#endif
-
 namespace stm_cuda_ops {
 namespace {
-
-constexpr const char* kOpName = "ms_deform_attn";
-
-// ---------------------------------------------------------------------------------------------
-// Validation
-
-struct Inputs {
-  at::Tensor value, spatial_shapes, level_start_index, loc, attn;  // contiguous
-  std::vector<int64_t> hw, start;                                  // host copies
-  int64_t N = 0, S = 0, M = 0, D = 0, L = 0, P = 0, Lq = 0;
-
-  cpu::Geometry geometry() const {
-    return cpu::Geometry{N, S, M, D, L, P, Lq, hw.data(), start.data()};
-  }
-};
 
 void check_dim(const at::Tensor& t, const char* name, int64_t dim, const char* layout) {
   TORCH_CHECK(t.defined(), kOpName, ": ", name, " is undefined (None)");
@@ -55,6 +25,8 @@ void check_size(const at::Tensor& t, const char* name, int64_t dim, int64_t expe
 bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
+
+}  // namespace
 
 Inputs check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                     const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
@@ -175,63 +147,4 @@ at::Tensor check_grad_output(const Inputs& in, const at::Tensor& grad_output) {
   return grad_output.contiguous();
 }
 
-// ---------------------------------------------------------------------------------------------
-// CUDA launchers: allocation, dtype mapping, error reporting. `stream` is a cudaStream_t (the
-// emulation ignores it); the caller has made the tensors' device current.
-
-#if defined(STM_WITH_CUDA) || defined(STM_CUDA_EMULATION)
-int cuda_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cuda::kFloat32;
-    case at::kDouble: return cuda::kFloat64;
-    case at::kHalf: return cuda::kFloat16;
-    case at::kBFloat16: return cuda::kBFloat16;
-    default: TORCH_CHECK(false, kOpName, ": unsupported dtype ", t);
-  }
-  return -1;
-}
-
-cuda::Sizes cuda_sizes(const Inputs& in) {
-  return cuda::Sizes{in.N, in.S, in.M, in.D, in.L, in.P, in.Lq};
-}
-
-at::Tensor cuda_forward_launch(const Inputs& in, void* stream) {
-  at::Tensor out = at::empty({in.N, in.Lq, in.M * in.D}, in.value.options());
-  if (out.numel() == 0) return out;
-  const int err = cuda::forward(
-      cuda_dtype(in.value.scalar_type()), cuda_sizes(in), in.value.const_data_ptr(),
-      in.spatial_shapes.const_data_ptr<int64_t>(), in.level_start_index.const_data_ptr<int64_t>(),
-      in.loc.const_data_ptr(), in.attn.const_data_ptr(), out.mutable_data_ptr(), stream);
-  TORCH_CHECK(err == 0, kOpName, ": CUDA forward kernel launch failed: ", cuda::error_string(err));
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_backward_launch(const Inputs& in,
-                                                                    const at::Tensor& go,
-                                                                    void* stream) {
-  // grad_value is summed with atomics: the float summation order varies from run to run.
-  at::globalContext().alertNotDeterministic("stm_cuda_ops::ms_deform_attn_backward (CUDA)");
-  const at::ScalarType dtype = in.value.scalar_type();
-  const auto acc = in.value.options().dtype(dtype == at::kDouble ? at::kDouble : at::kFloat);
-  at::Tensor grad_value = at::zeros(in.value.sizes(), acc);
-  at::Tensor grad_loc = at::zeros(in.loc.sizes(), acc);
-  at::Tensor grad_attn = at::zeros(in.attn.sizes(), acc);
-  if (in.N * in.Lq * in.M * in.D > 0 && grad_loc.numel() > 0) {
-    const int err = cuda::backward(
-        cuda_dtype(dtype), cuda_sizes(in), in.value.const_data_ptr(),
-        in.spatial_shapes.const_data_ptr<int64_t>(),
-        in.level_start_index.const_data_ptr<int64_t>(), in.loc.const_data_ptr(),
-        in.attn.const_data_ptr(), go.const_data_ptr(), grad_value.mutable_data_ptr(),
-        grad_loc.mutable_data_ptr(), grad_attn.mutable_data_ptr(), stream);
-    TORCH_CHECK(err == 0, kOpName, ": CUDA backward kernel launch failed: ",
-                cuda::error_string(err));
-  }
-  if (grad_value.scalar_type() != dtype) {
-    return {grad_value.to(dtype), grad_loc.to(dtype), grad_attn.to(dtype)};
-  }
-  return {grad_value, grad_loc, grad_attn};
-}
-#endif  // STM_WITH_CUDA || STM_CUDA_EMULATION
-
-}  // namespace
 }  // namespace stm_cuda_ops
