@@ -28,7 +28,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-__all__ = ["ENV_VAR", "compiling", "eager_kernels", "enabled", "fast_paths", "is_tracing", "reshape_copy", "set_fast_paths"]
+__all__ = ["ENV_VAR", "compiling", "eager_kernels", "enabled", "exporting", "fast_paths", "is_tracing", "reshape_copy",
+           "set_fast_paths"]
 
 ENV_VAR = "STM_FAST_PATHS"
 
@@ -72,6 +73,11 @@ def compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def exporting() -> bool:
+    """torch.export tracing (the ONNX exporter included)."""
+    return torch.compiler.is_exporting()
+
+
 def enabled() -> bool:
     """Whether blocks take their fast path: switched on, and not under TorchScript tracing/scripting."""
     return _state["enabled"] and not is_tracing()
@@ -86,6 +92,6 @@ def reshape_copy(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """`x.reshape(shape)` for a non-viewable `x` (eager copies it). While torch.export traces, the copy is an
     explicit clone: with a symbolic batch size the fake tensor can pass for contiguous, and the ONNX exporter's
     decompositions then turn the reshape into a view that the real strides cannot take. Same values either way."""
-    if torch.compiler.is_exporting():
+    if exporting():
         x = x.clone(memory_format=torch.contiguous_format)
     return x.reshape(shape)

@@ -25,6 +25,7 @@ from timm.layers import register_notrace_function, trunc_normal_
 from timm.models._features import feature_take_indices
 from torch import nn
 
+from . import fast_paths
 from .layers import LayerNorm2d
 from .mixer import block_policy, split_block_key
 
@@ -90,7 +91,7 @@ def check_input(image: torch.Tensor, block_key: str, img_size: tuple[int, int], 
     """The input-size rules of a model (ValueError naming the problem); returns `image` unchanged."""
     if image.dim() != 4:
         raise ValueError(f"expected an image batch of shape (B, C, H, W), got {tuple(image.shape)}")
-    if torch.compiler.is_exporting():
+    if fast_paths.exporting():
         # the size rules read the sides as Python ints, which would pin an exported graph to the example's size;
         # stm_backbones.export constrains height and width to the sizes every model takes (multiples of 32)
         return image
@@ -357,7 +358,7 @@ class MetaArch(nn.Module):
         if extra is not None:
             x = (x, extra[i])
         for block in self.stages[i]:
-            if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+            if self.grad_checkpointing and not fast_paths.is_tracing() and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
