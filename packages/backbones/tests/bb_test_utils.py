@@ -1,6 +1,8 @@
-"""Assertions shared by the backbone tests (importable: conftest.py puts this folder on sys.path)."""
+"""Assertions and naive formulas shared by the backbone tests (importable: conftest.py puts this folder on sys.path)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -72,9 +74,9 @@ def check_training_step_against(block, x, reference):
         assert_close_to_scale(fast[name], slow[name], msg=name)
 
 
-def check_models_against_reference_blocks(name, block_cls, reference_forward, image_size, tol, monkeypatch):
+def check_models_match(name, reference, image_size, tol):
     """A classifier (`image_size` square) and a dense backbone (96x160) give the same outputs with the
-    blocks' fast paths as with `block_cls.forward` patched to `reference_forward`, to `tol`."""
+    blocks' fast paths as `reference(model, image)` (e.g. the plain formulation), to `tol`."""
     import timm
 
     import stm_backbones
@@ -83,8 +85,46 @@ def check_models_against_reference_blocks(name, block_cls, reference_forward, im
     dense = stm_backbones.create_dense_backbone(name).eval()
     image, dense_image = torch.randn(2, 3, image_size, image_size), torch.randn(1, 3, 96, 160)
     with torch.no_grad():
-        fast, fast_maps = model(image), dense(dense_image)
-        monkeypatch.setattr(block_cls, "forward", reference_forward)
-        torch.testing.assert_close(fast, model(image), atol=tol, rtol=tol)
-        for a, b in zip(fast_maps, dense(dense_image)):
+        torch.testing.assert_close(model(image), reference(model, image), atol=tol, rtol=tol)
+        for a, b in zip(dense(dense_image), reference(dense, dense_image)):
             torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+def check_drop_path_samples(block, x, reference, seed):
+    """A training-mode block with a DropPath draws the same samples as `reference(block, x)` from the same
+    seed; returns the block's output."""
+    from timm.layers import DropPath
+
+    assert isinstance(block.drop_path, DropPath)
+    torch.manual_seed(seed)
+    out = block(x)
+    torch.manual_seed(seed)
+    torch.testing.assert_close(out, reference(block, x), atol=1e-5, rtol=1e-5)
+    return out
+
+
+def traced_op_kinds(block, x):
+    """The node kinds of the block's torch.jit.trace graph (as fvcore's FLOP counter sees it), after checking
+    that the traced graph gives the block's output."""
+    with torch.no_grad():
+        traced = torch.jit.trace(block, (x,), check_trace=False)
+        torch.testing.assert_close(traced(x), block(x), atol=1e-5, rtol=1e-5)
+    return {node.kind() for node in traced.inlined_graph.nodes()}
+
+
+# ----------------------------------------------------------------------------------- naive formulas
+def naive_ln(t, norm, eps=1e-5):
+    """LayerNorm over the last axis by the textbook formula (biased variance, eps inside the sqrt)."""
+    mean = t.mean(-1, keepdim=True)
+    var = ((t - mean) ** 2).mean(-1, keepdim=True)
+    return (t - mean) / torch.sqrt(var + eps) * norm.weight + norm.bias
+
+
+def naive_gelu(t):
+    """Exact (erf) GELU."""
+    return 0.5 * t * (1 + torch.erf(t / math.sqrt(2)))
+
+
+def linear(t, layer):
+    """`layer` (nn.Linear) applied by its formula."""
+    return t @ layer.weight.T + layer.bias

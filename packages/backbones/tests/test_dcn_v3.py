@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from bb_test_utils import linear, naive_gelu, naive_ln
 
 import stm_cuda_ops
 from stm_backbones import fast_paths, ops
@@ -49,20 +50,6 @@ def make_attention(offset_std=1.5):
 
 
 # ----------------------------------------------------------------------------------- naive reference
-def naive_ln(t, norm, eps=1e-5):
-    mean = t.mean(-1, keepdim=True)
-    var = ((t - mean) ** 2).mean(-1, keepdim=True)
-    return (t - mean) / torch.sqrt(var + eps) * norm.weight + norm.bias
-
-
-def naive_gelu(t):
-    return 0.5 * t * (1 + torch.erf(t / math.sqrt(2)))
-
-
-def linear(t, layer):
-    return t @ layer.weight.T + layer.bias
-
-
 def bilinear_zero_outside(image, px, py):
     """image (H, W, D); continuous pixel-centre coords; corners outside the image count as 0."""
     height, width = image.shape[:2]

@@ -4,10 +4,9 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from bb_test_utils import assert_close_to_scale
+from bb_test_utils import assert_close_to_scale, check_drop_path_samples, check_models_match, traced_op_kinds
 from timm.layers import DropPath
 
-import stm_backbones
 from stm_backbones.fast.depthwise import _DepthwiseConv2d, depthwise_conv, depthwise_weight_grad
 from stm_backbones.fast.residual import residual_add
 from stm_backbones.fast_paths import fast_paths
@@ -73,13 +72,8 @@ def test_gradients_match_plain(size, chunked, request):
 
 def test_drop_path_draws_the_same_samples():
     block = make_block(drop_path=0.5).train()
-    assert isinstance(block.drop_path, DropPath)
     x = torch.randn(8, 32, 7, 7)
-    torch.manual_seed(1)
-    out = block(x)
-    torch.manual_seed(1)
-    expected = plain(block, x)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    out = check_drop_path_samples(block, x, plain, seed=1)
     assert not torch.allclose(out, block(x))  # a fresh draw differs
 
 
@@ -95,23 +89,12 @@ def test_residual_add_helper_matches_unfused_formula():
 
 def test_models_match_plain_path():
     """Whole models (a classifier and a dense backbone at a non-square size): fast path against plain."""
-    model = timm.create_model("unified_convnext_micro", num_classes=7).eval()
-    dense = stm_backbones.create_dense_backbone("unified_convnext_micro").eval()
-    image, dense_image = torch.randn(2, 3, 64, 64), torch.randn(1, 3, 96, 160)
-    with torch.no_grad():
-        torch.testing.assert_close(model(image), plain(model, image), atol=1e-5, rtol=1e-5)
-        for a, b in zip(dense(dense_image), plain(dense, dense_image)):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    check_models_match("unified_convnext_micro", plain, image_size=64, tol=1e-5)
 
 
 def test_trace_sees_the_plain_ops():
     """Traced graphs (fvcore FLOP counts, export) take the plain formulation: no custom autograd ops."""
-    block = make_block().eval()
-    x = torch.randn(1, 32, 9, 9)
-    with torch.no_grad():
-        traced = torch.jit.trace(block, (x,), check_trace=False)
-        torch.testing.assert_close(traced(x), block(x), atol=1e-5, rtol=1e-5)
-    kinds = {node.kind() for node in traced.inlined_graph.nodes()}
+    kinds = traced_op_kinds(make_block().eval(), torch.randn(1, 32, 9, 9))
     assert "prim::PythonOp" not in kinds and "aten::_convolution" in kinds and "aten::linear" in kinds
 
 

@@ -2,10 +2,8 @@
 batched product, -inf additive mask, SDPA / baddbmm) against the plain formulation (`fast_paths(False)`)."""
 
 import pytest
-import timm
 import torch
-from bb_test_utils import check_training_step_against
-from timm.layers import DropPath
+from bb_test_utils import check_drop_path_samples, check_models_match, check_training_step_against, traced_op_kinds
 
 import stm_backbones
 from stm_backbones.fast import halo as fast_halo
@@ -88,13 +86,7 @@ def test_outside_keys_get_no_weight_with_huge_logits_in_both_paths():
 
 
 def test_drop_path_draws_the_same_samples():
-    block = make_block(drop_path=0.5).train()
-    assert isinstance(block.drop_path, DropPath)
-    x = torch.randn(6, 14, 14, 16)
-    torch.manual_seed(3)
-    out = block(x)
-    torch.manual_seed(3)
-    torch.testing.assert_close(out, _plain(block, x), atol=1e-5, rtol=1e-5)
+    check_drop_path_samples(make_block(drop_path=0.5).train(), torch.randn(6, 14, 14, 16), _plain, seed=3)
 
 
 # ----------------------------------------------------------------------------------- pieces
@@ -159,12 +151,7 @@ def test_additive_mask_is_cached_off_the_state_dict():
 
 def test_fvcore_trace_sees_the_plain_ops():
     """Traced graphs (fvcore FLOP counts) take the plain formulation: no custom autograd ops, no fused attention."""
-    block = make_block().eval()
-    x = torch.randn(1, 14, 14, 16)
-    with torch.no_grad():
-        traced = torch.jit.trace(block, (x,), check_trace=False)
-        torch.testing.assert_close(traced(x), block(x), atol=1e-5, rtol=1e-5)
-    kinds = {node.kind() for node in traced.inlined_graph.nodes()}
+    kinds = traced_op_kinds(make_block().eval(), torch.randn(1, 14, 14, 16))
     assert "prim::PythonOp" not in kinds and "aten::scaled_dot_product_attention" not in kinds
     assert {"aten::unfold", "aten::masked_fill", "aten::softmax"} <= kinds
 
@@ -172,13 +159,7 @@ def test_fvcore_trace_sees_the_plain_ops():
 # ----------------------------------------------------------------------------------- models
 def test_models_match_plain_path():
     """Whole models (a classifier and a dense backbone at a non-square size): fast path against plain."""
-    model = timm.create_model("unified_halo_micro", num_classes=7).eval()
-    dense = stm_backbones.create_dense_backbone("unified_halo_micro").eval()
-    image, dense_image = torch.randn(2, 3, 224, 224), torch.randn(1, 3, 96, 160)
-    with torch.no_grad():
-        torch.testing.assert_close(model(image), _plain(model, image), atol=1e-4, rtol=1e-4)
-        for a, b in zip(dense(dense_image), _plain(dense, dense_image)):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    check_models_match("unified_halo_micro", _plain, image_size=224, tol=1e-4)
 
 
 def test_bf16_autocast_runs_both_paths_close_to_float32():

@@ -7,6 +7,7 @@ import math
 import pytest
 import timm
 import torch
+from bb_test_utils import linear, naive_gelu, naive_ln
 
 import stm_backbones
 from stm_backbones import fast_paths
@@ -36,21 +37,6 @@ def make_block(cls=PvtBlock, depth=0, resolution=(8, 8), sr=2, dense=False, mlp_
 
 
 # ----------------------------------------------------------------------------------- naive reference
-def naive_ln(t, norm, eps=1e-5):
-    """LayerNorm over the last axis by the textbook formula (biased variance, eps inside the sqrt)."""
-    mean = t.mean(-1, keepdim=True)
-    var = ((t - mean) ** 2).mean(-1, keepdim=True)
-    return (t - mean) / torch.sqrt(var + eps) * norm.weight + norm.bias
-
-
-def naive_gelu(t):
-    return 0.5 * t * (1 + torch.erf(t / math.sqrt(2)))
-
-
-def linear(t, layer):
-    return t @ layer.weight.T + layer.bias
-
-
 def to_tokens(x):  # (B, C, H, W) -> (B, H*W, C), pixel (y, x) at token y*W + x
     batch, channels, height, width = x.shape
     return torch.stack([x[:, :, i // width, i % width] for i in range(height * width)], dim=1)

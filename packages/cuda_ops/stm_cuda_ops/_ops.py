@@ -109,22 +109,15 @@ class _TracedReference(torch.autograd.Function):
 def _reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step,
                static_shapes):
     if torch.jit.is_tracing():
-        sizes = level_sizes(spatial_shapes if static_shapes is None else static_shapes)
+        sizes = level_sizes(spatial_shapes, static_shapes)
         return _TracedReference.apply(value, sampling_locations, attention_weights, sizes)
     return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations,
                                     attention_weights, im2col_step, static_shapes=static_shapes)
 
 
-def ms_deform_attn(
-    value: torch.Tensor,
-    spatial_shapes: torch.Tensor,
-    level_start_index: torch.Tensor,
-    sampling_locations: torch.Tensor,
-    attention_weights: torch.Tensor,
-    im2col_step: int = 64,
-    *,
-    static_shapes: Sequence[tuple[int, int]] | None = None,
-) -> torch.Tensor:
+def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+                   sampling_locations: torch.Tensor, attention_weights: torch.Tensor, im2col_step: int = 64, *,
+                   static_shapes: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
     """Multi-scale deformable attention.
 
     Args:

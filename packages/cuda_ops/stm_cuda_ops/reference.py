@@ -62,12 +62,14 @@ def ms_deform_attn_reference(
     """
     check_tensor_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     del level_start_index, im2col_step
-    return grid_sample_msda(value, level_sizes(spatial_shapes if static_shapes is None else static_shapes),
-                            sampling_locations, attention_weights)
+    return grid_sample_msda(value, level_sizes(spatial_shapes, static_shapes), sampling_locations, attention_weights)
 
 
-def level_sizes(spatial_shapes) -> list[tuple[int, int]]:
-    """[(H_l, W_l), ...] as Python ints from an (L, 2) tensor (read back to the host) or int pairs."""
+def level_sizes(spatial_shapes, static_shapes: Sequence[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+    """[(H_l, W_l), ...] as Python ints from an (L, 2) tensor (read back to the host) or int pairs; from
+    ``static_shapes`` instead where given (the tensor is then never read)."""
+    if static_shapes is not None:
+        spatial_shapes = static_shapes
     if isinstance(spatial_shapes, torch.Tensor):
         spatial_shapes = spatial_shapes.tolist()
     return [(int(h), int(w)) for h, w in spatial_shapes]

@@ -11,6 +11,10 @@ import torch
 
 import stm_cuda_ops
 
+TESTS_DIR = str(Path(__file__).resolve().parent)
+if TESTS_DIR not in sys.path:  # for msda_fuzz
+    sys.path.insert(0, TESTS_DIR)
+
 ALLOW_NO_EXT = os.environ.get("STM_ALLOW_NO_EXT") == "1"
 
 

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from msda_fuzz import fuzz_op_shapes
 
 import stm_cuda_ops
 from stm_cuda_ops import ms_deform_attn_reference
@@ -248,18 +247,7 @@ def test_kernels_share_bilinear_header():
         assert "floor(" not in text and "- static_cast<T>(0.5)" not in text and "- static_cast<A>(0.5)" not in text
 
 
-@settings(max_examples=15, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    N=st.integers(1, 3),
-    Lq=st.integers(1, 5),
-    M=st.integers(1, 3),
-    D=st.sampled_from([1, 2, 3, 8, 16, 17, 32, 40]),
-    levels=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=3),
-    P=st.integers(1, 4),
-    spread=st.floats(0.0, 0.5),
-    seed=st.integers(0, 2**16),
-)
+@fuzz_op_shapes(max_examples=15, max_queries=5, head_dims=[1, 2, 3, 8, 16, 17, 32, 40])
 def test_emulated_fuzz_against_reference(emulated, make_inputs, N, Lq, M, D, levels, P, spread, seed):
     inputs = make_inputs(N, Lq, M, D, tuple(levels), P, spread=spread, seed=seed)
     got, grad_out = _run(emulated, inputs, seed=seed)

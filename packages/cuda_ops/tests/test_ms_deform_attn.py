@@ -8,8 +8,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from msda_fuzz import fuzz_op_shapes
 
 import stm_cuda_ops
 from stm_cuda_ops import ms_deform_attn, ms_deform_attn_reference
@@ -409,17 +408,6 @@ def test_reference_is_one_opaque_node_under_jit_trace(make_inputs):
 # Fuzz
 
 
-@settings(max_examples=30, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    N=st.integers(1, 3),
-    Lq=st.integers(1, 6),
-    M=st.integers(1, 3),
-    D=st.sampled_from([1, 2, 3, 8, 16, 17, 32]),
-    levels=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=3),
-    P=st.integers(1, 4),
-    spread=st.floats(0.0, 0.5),
-    seed=st.integers(0, 2**16),
-)
+@fuzz_op_shapes(max_examples=30, max_queries=6, head_dims=[1, 2, 3, 8, 16, 17, 32])
 def test_fuzz_against_reference(ops, make_inputs, N, Lq, M, D, levels, P, spread, seed):
     assert_matches_reference(make_inputs(N, Lq, M, D, tuple(levels), P, spread=spread, seed=seed))
