@@ -23,6 +23,7 @@
 #include <string>
 
 #include "cpu/ms_deform_attn_cpu.h"
+#include "ms_deform_attn_validate.h"
 
 #ifdef STM_WITH_CUDA
 #include "cuda/cuda_kernels.h"
@@ -59,13 +60,8 @@ TORCH_LIBRARY(stm_cuda_ops, m) {
   // Fake kernels and autograd are registered in Python; torch points users who load this library
   // without importing the package at the module that registers them.
   m.set_python_module("stm_cuda_ops._ops");
-  m.def(
-      "ms_deform_attn_forward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
-      "Tensor sampling_locations, Tensor attention_weights, int im2col_step) -> Tensor");
-  m.def(
-      "ms_deform_attn_backward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
-      "Tensor sampling_locations, Tensor attention_weights, Tensor grad_output, "
-      "int im2col_step) -> (Tensor, Tensor, Tensor)");
+  m.def(stm_cuda_ops::kForwardSchema);
+  m.def(stm_cuda_ops::kBackwardSchema);
   m.def("_build_flags() -> str", &build_flags_op);
   m.def("_cpu_isa(str isa=\"\") -> str", &cpu_isa_op);
 }

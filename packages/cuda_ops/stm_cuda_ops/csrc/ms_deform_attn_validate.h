@@ -14,6 +14,15 @@ namespace stm_cuda_ops {
 
 constexpr const char* kOpName = "ms_deform_attn";
 
+// The schemas of the two ops, shared by the library (ms_deform_attn.cpp) and the test emulation.
+constexpr const char* kForwardSchema =
+    "ms_deform_attn_forward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+    "Tensor sampling_locations, Tensor attention_weights, int im2col_step) -> Tensor";
+constexpr const char* kBackwardSchema =
+    "ms_deform_attn_backward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+    "Tensor sampling_locations, Tensor attention_weights, Tensor grad_output, "
+    "int im2col_step) -> (Tensor, Tensor, Tensor)";
+
 // The validated inputs: contiguous tensors, host copies of the level geometry and the sizes.
 struct Inputs {
   at::Tensor value, spatial_shapes, level_start_index, loc, attn;  // contiguous

@@ -76,13 +76,8 @@ std::string selftest_op(c10::string_view name) {
 }  // namespace stm_cuda_ops
 
 TORCH_LIBRARY(stm_cuda_ops_emulated, m) {
-  m.def(
-      "ms_deform_attn_forward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
-      "Tensor sampling_locations, Tensor attention_weights, int im2col_step) -> Tensor");
-  m.def(
-      "ms_deform_attn_backward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
-      "Tensor sampling_locations, Tensor attention_weights, Tensor grad_output, "
-      "int im2col_step) -> (Tensor, Tensor, Tensor)");
+  m.def(stm_cuda_ops::kForwardSchema);
+  m.def(stm_cuda_ops::kBackwardSchema);
   m.def("configure(int seed, int max_blocks) -> ()", &stm_cuda_ops::configure_op);
   m.def("stats(bool reset=False) -> int[]", &stm_cuda_ops::stats_op);
   m.def("selftest(str name) -> str", &stm_cuda_ops::selftest_op);
